@@ -1,0 +1,152 @@
+"""Load and save checkpoints in the public layout: config.json + safetensors (sharded with
+`model.safetensors.index.json` above `max_shard_size`), from a local directory or a hub id.
+
+Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming it, never a
+silent random init. Models are built on the meta device and filled from the files, so an 8B
+checkpoint never exists twice in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from d2f.models.config import ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def model_class(cfg: ModelConfig):
+    from d2f.models.dream import DreamModel
+    from d2f.models.llada import LLaDAModelLM
+    return {"llada": LLaDAModelLM, "dream": DreamModel}[cfg.arch]
+
+
+def build_model(cfg: ModelConfig, dtype=torch.float32, device=None, seed: int | None = 0):
+    """A randomly initialised model (tests, the testbed before training)."""
+    model = model_class(cfg)(cfg).to(dtype=dtype)
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.init_weights(generator=g)
+    return model.to(device) if device is not None else model
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory, or a hub repo id downloaded (config + safetensors only) to the HF cache."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / CONFIG_NAME).is_file():
+            raise CheckpointError(f"checkpoint directory {str(p)!r} has no {CONFIG_NAME}")
+        return p
+    if p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} is a file; pass the directory that holds {CONFIG_NAME}")
+    s = str(name_or_path)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint {s!r} is neither a local directory nor a hub repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(s, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # offline, unknown repo, gated repo...
+        raise CheckpointError(f"could not fetch checkpoint {s!r} from the hub ({type(e).__name__}: {e}). "
+                              "Pass a local directory with config.json and *.safetensors instead.") from e
+    return Path(local)
+
+
+def read_config(path: Path) -> ModelConfig:
+    return ModelConfig.from_hf_dict(json.loads((path / CONFIG_NAME).read_text()))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        files = sorted(set(index["weight_map"].values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{INDEX_NAME} in {str(path)!r} lists shard(s) that are missing: {missing}")
+        return [path / f for f in files]
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}")
+
+
+def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
+                    config: ModelConfig | None = None):
+    """Load our model class for a LLaDA / Dream checkpoint (no trust_remote_code)."""
+    path = resolve_checkpoint(name_or_path)
+    cfg = config or read_config(path)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings and cfg.arch == "dream":
+        expected.pop("lm_head.weight", None)  # shares the embedding's storage
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    state, seen_dtype = {}, None
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt", device=str(device)) as fh:
+            for key in fh.keys():
+                if key not in expected:
+                    raise CheckpointError(f"unexpected tensor {key!r} in {f.name}: the {cfg.arch} architecture "
+                                          "has no such parameter (wrong model_type or a different model?)")
+                t = fh.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key]):
+                    raise CheckpointError(f"tensor {key!r} in {f.name} has shape {tuple(t.shape)}, "
+                                          f"expected {tuple(expected[key])} from config.json")
+                seen_dtype = seen_dtype or t.dtype
+                state[key] = t
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing tensor(s) {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    dtype = dtype or seen_dtype
+    state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None):
+    """Write config.json + safetensors (sharded with an index above max_shard_size)."""
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(max_shard_size, str):
+        units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+        max_shard_size = int(float(max_shard_size[:-2]) * units[max_shard_size[-2:].upper()])
+    cfg: ModelConfig = model.config
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings and cfg.arch == "dream":
+        state.pop("lm_head.weight", None)
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_size:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    shards.append(cur)
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / WEIGHTS_NAME), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    (out / CONFIG_NAME).write_text(json.dumps(hf, indent=2))
