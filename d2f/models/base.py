@@ -69,7 +69,7 @@ class DiffusionLM(nn.Module):
             mask = causal()
         kv_len, k_offset = (cache.kv_len(offset, T), 0) if cache is not None else (T, offset)
         prepared = self.attn_backend.prepare(mask, offset, T, k_offset, kv_len, input_ids.device)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, self.dtype)
         x = self.embed(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers()):
             args = (x, cos, sin, self.attn_backend, prepared, cache, i, offset)
@@ -95,6 +95,8 @@ class DiffusionLM(nn.Module):
         self.gradient_checkpointing = False
 
     def get_input_embeddings(self) -> nn.Embedding: raise NotImplementedError
+
+    def get_output_embeddings(self) -> nn.Module | None: raise NotImplementedError
 
     def tie_weights(self):
         """Share the output head with the embedding when the config says so."""

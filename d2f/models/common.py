@@ -23,23 +23,27 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 (bf16 mean-of-squares loses precision at d_model 4096), cast back,
         # then scale: the order both public LLaDA and Dream implementations use.
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B, 1, T, D) for rotate-half (GPT-NeoX / Llama) RoPE, in fp32."""
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, 1, T, D) for rotate-half (GPT-NeoX / Llama) RoPE.
+
+    Computed in fp32 (as LLaDA's `rope_full_precision`), or fp64 for fp64 models (tests)."""
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                             dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+                                             dtype=dtype) / head_dim))
+    freqs = position_ids.to(dtype)[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x (B, H, T, D); rotate pairs (i, i + D/2)."""
-    xf = x.float()
+    xf = x.to(cos.dtype)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)

@@ -131,5 +131,17 @@ class ModelConfig:
             d["is_causal"] = True
         return d
 
+    # HF-style accessors that PEFT and accelerate look for on `model.config`.
+    @classmethod
+    def from_pretrained(cls, name_or_path) -> "ModelConfig":
+        from d2f.models.io import read_config, resolve_checkpoint
+        return read_config(resolve_checkpoint(name_or_path))
+
+    def to_dict(self) -> dict:
+        return self.to_hf_dict()
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

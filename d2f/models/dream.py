@@ -83,3 +83,6 @@ class DreamModel(DiffusionLM):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head

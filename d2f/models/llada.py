@@ -68,3 +68,7 @@ class LLaDAModelLM(DiffusionLM):
 
     def get_input_embeddings(self):
         return self.model.transformer.wte
+
+    def get_output_embeddings(self):
+        t = self.model.transformer
+        return t.wte if self.config.tie_word_embeddings else t.ff_out
