@@ -423,10 +423,10 @@ def t_four_step(c: Ctx):
         return None
     q = (f"{a} has {x} {item}. At the market {he} buys {k} {box} with {per} {item} in each. {cap(he)} gives {d} "
          f"{item} to {b}, and later {his} aunt gives {a} {more} {item}. How many {item} does {a} have at the end?")
-    lines = [f"At the market {a} buys {k} * {per} = {bought} {item}.",
+    lines = [f"{a} buys {k} * {per} = {bought} {item}.",
              f"Then {a} has {x} + {bought} = {total} {item}.",
-             f"After giving {d} to {b}, {a} has {total} - {d} = {total - d} {item}.",
-             f"With {more} from {his} aunt, {a} has {total - d} + {more} = {total - d + more} {item} at the end."]
+             f"After giving {d} away, {a} has {total} - {d} = {total - d} {item}.",
+             f"With {more} more, {a} has {total - d} + {more} = {total - d + more} {item}."]
     return q, lines, total - d + more
 
 

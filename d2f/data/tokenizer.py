@@ -8,8 +8,10 @@
 Design choices, and why:
 - byte-level BPE: any text round-trips exactly (newlines, "$", "<<", the real GSM8K questions), there is
   no unknown token.
-- every digit is its own token (a `Digits(individual_digits=True)` pre-tokenizer before the byte-level
-  one): a small model then learns arithmetic digit by digit instead of memorising one token per number.
+- every digit is its own token (a `Split(" ?\\d")` pre-tokenizer before the byte-level one; a digit
+  after a space keeps the space, " 29" -> "Ġ2" "9", which saves a token per number): a small model then
+  learns arithmetic digit by digit instead of memorising one token per number. Inside GSM8K's
+  calculator annotations ("<<29-12=17>>17") every digit is a bare digit token.
 - special tokens: `<|pad|>` (id 0), `<|eos|>` (1), `<|mask|>` (2, the diffusion [MASK]), chat markers
   `<|user|>`, `<|assistant|>`, `<|system|>`. The chat template renders
   `<|user|>\\n{question}\\n<|assistant|>\\n{answer}<|eos|>`, so the testbed looks like an instruct model.
@@ -19,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, MASK = "<|pad|>", "<|eos|>", "<|mask|>"
@@ -44,7 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
                          f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(r" ?\d"), behavior="isolated"),  # one digit per token (+ its leading space)
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -103,9 +103,13 @@ class DiffusionLM(nn.Module):
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random init for models built from scratch (the testbed); checkpoints overwrite this."""
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") or "norm." in name else nn.init.zeros_(p)
+        from d2f.models.common import RMSNorm
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for p in self.parameters():
+            if id(p) in norms:
+                nn.init.ones_(p)
+            elif p.dim() == 1:  # biases
+                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std, generator=generator)
         self.tie_weights()

@@ -252,3 +252,13 @@ def test_half_precision_close_to_fp32(dtype):
     out = model.to(dtype)(ids, mask=masks.block_causal(3, 4))
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llada", "tiny-dream", "tiny-ar"])
+def test_random_init_norms_are_one_and_logits_nonzero(preset):
+    from d2f.models.common import RMSNorm
+    model = load_model(preset)
+    for name, m in model.named_modules():
+        if isinstance(m, RMSNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+    assert model(torch.randint(0, 120, (1, 6))).abs().max() > 0.01

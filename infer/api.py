@@ -1,0 +1,330 @@
+"""The inference API: one config, one `generate`, four decoders.
+
+    from infer.api import DecodeConfig, generate, load, format_prompt
+    model, tok = load(None, "d2f")                          # the testbed D2F student
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16)
+    [res] = generate(model, tok, [format_prompt(tok, "What is 2 + 3?")], cfg)
+    print(res.text, res.nfe, res.tokens_per_s)
+
+Modes (DESIGN.md §3): "vanilla" (LLaDA low-confidence remasking), "fast-dllm" (prefix / dual /
+no cache x topk / threshold / factor), "d2f" (pipelined block decoding with an exact cache),
+"ar" (KV-cached autoregressive decoding of causal models, ours or any HF causal LM).
+
+Throughput = answer tokens up to and including the first EOS / wall time of the generate call
+for that batch (prompt processing included); NFE and tokens per forward are reported beside it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from infer import ar, d2f, fast_dllm, vanilla
+from infer.batch import cut_at_eos, make_batch
+from infer.steps import StepLog
+
+MODES = ("vanilla", "fast-dllm", "d2f", "ar")
+CACHES = ("none", "prefix", "dual")
+RULES = ("topk", "threshold", "factor")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+class DecodeConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DecodeConfig:
+    mode: str = "d2f"
+    max_new_tokens: int = 256  # gen length (the answer budget)
+    block_size: int = 32
+    steps: int | None = None  # vanilla / fast-dllm topk: total forwards; default = max_new_tokens
+    temperature: float = 0.0  # 0 = greedy; > 0 = Gumbel-max in float64
+    cache: str = "prefix"  # fast-dllm: none | prefix | dual. d2f: "none" = recompute everything (reference)
+    rule: str = "threshold"  # fast-dllm commit rule: topk | threshold | factor
+    threshold: float = 0.9
+    factor: float = 1.0
+    tau_add: float = 0.7
+    tau_act: float = 0.95
+    tau_conf: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else self.max_new_tokens
+
+    def validate(self) -> "DecodeConfig":
+        err = DecodeConfigError
+        if self.mode not in MODES:
+            raise err(f"mode {self.mode!r} is not one of {MODES}")
+        for name in ("max_new_tokens", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise err(f"{name} must be a positive integer, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
+            raise err(f"steps must be a positive integer, got {self.steps!r}")
+        if not self.temperature >= 0:
+            raise err(f"temperature must be >= 0, got {self.temperature!r}")
+        for name in ("threshold", "tau_add", "tau_act", "tau_conf"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise err(f"{name} must be in [0, 1], got {v!r}")
+        if not self.factor > 0:
+            raise err(f"factor must be > 0, got {self.factor!r}")
+        if self.cache not in CACHES:
+            raise err(f"cache {self.cache!r} is not one of {CACHES}")
+        if self.rule not in RULES:
+            raise err(f"rule {self.rule!r} is not one of {RULES}")
+        if self.mode != "ar" and self.max_new_tokens % self.block_size:
+            raise err(f"max_new_tokens {self.max_new_tokens} is not a multiple of block_size {self.block_size} "
+                      f"(mode {self.mode!r} decodes whole blocks); e.g. use max_new_tokens "
+                      f"{-(-self.max_new_tokens // self.block_size) * self.block_size}")
+        if self.mode == "vanilla" or (self.mode == "fast-dllm" and self.rule == "topk"):
+            n_blocks = self.max_new_tokens // self.block_size
+            if self.total_steps % n_blocks:
+                raise err(f"steps {self.total_steps} is not a multiple of the number of blocks {n_blocks} "
+                          f"(max_new_tokens {self.max_new_tokens} / block_size {self.block_size})")
+        return self
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]  # answer up to and including the first EOS
+    num_tokens: int
+    nfe: int
+    tokens_per_forward: float
+    wall_time: float  # seconds, the whole generate call for this sample's batch
+    tokens_per_s: float
+    trace: list[dict] | None = None
+    prompt_tokens: int = 0
+
+    def stats(self) -> str:
+        return (f"tokens={self.num_tokens} nfe={self.nfe} tokens/forward={self.tokens_per_forward:.2f} "
+                f"wall={self.wall_time:.3f}s tokens/s={self.tokens_per_s:.1f}")
+
+
+# ---- model / mode checks ---------------------------------------------------------------------
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_model_mode(model, mode: str) -> None:
+    from d2f.models.config import ModelConfig
+    base = _base(model)
+    ours = isinstance(getattr(base, "config", None), ModelConfig)  # our LLaDA / Dream classes
+    causal = (not ours) or bool(base.config.is_causal)
+    name = getattr(base, "name_or_path", "") or type(base).__name__
+    if mode == "ar" and not causal:
+        raise DecodeConfigError(f"mode 'ar' needs a causal model, but {name!r} is a diffusion LM "
+                                "(config.is_causal is False); use mode 'vanilla', 'fast-dllm' or 'd2f'")
+    if mode != "ar" and causal:
+        kind = "an HF causal LM" if not ours else "a causal model (config.is_causal is True)"
+        raise DecodeConfigError(f"mode {mode!r} needs a diffusion LM (LLaDA / Dream), but {name!r} is {kind}; "
+                                "use mode 'ar'")
+
+
+def special_ids(model, tokenizer) -> tuple[int | None, int | None, int]:
+    """(mask_id, eos_id, pad_id) for a model (ours: its config; HF: generation config / tokenizer)."""
+    cfg = _base(model).config
+    mask_id = getattr(cfg, "mask_token_id", None)
+    gen = getattr(_base(model), "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None)
+    if gen is not None and getattr(gen, "eos_token_id", None) is not None:
+        eos = gen.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    pad = getattr(cfg, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    return mask_id, eos, pad if pad is not None else (eos if eos is not None else 0)
+
+
+def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass one or give prompts as lists of token ids")
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} ({p!r}) is empty: diffusion and AR decoding both need at least one "
+                             "prompt token")
+        out.append(ids)
+    return out
+
+
+def max_positions(model) -> int | None:
+    cfg = _base(model).config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+# ---- generate ----------------------------------------------------------------------------
+
+DECODERS = {"vanilla": vanilla.decode, "fast-dllm": fast_dllm.decode, "d2f": d2f.decode, "ar": ar.decode}
+
+
+def _decoder_kwargs(cfg: DecodeConfig, eos_id) -> dict:
+    if cfg.mode == "d2f":
+        return {"use_cache": cfg.cache != "none"}
+    if cfg.mode == "ar":
+        return {"eos_id": eos_id}
+    return {}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | None = None,
+             on_step: Callable | None = None, trace: bool = False, **decoder_kwargs) -> list[Result]:
+    """Decode every prompt (a string, encoded without extra special tokens, or a list of token
+    ids) with cfg; returns one Result per prompt, in order. `on_step(event)` is called after
+    every forward with a dict (step, sample_ids, answer (B, G) tensor, committed, active).
+    decoder_kwargs go to the mode's decoder (tests: refresh_every_step, use_cache)."""
+    cfg.validate()
+    check_model_mode(model, cfg.mode)
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings or token-id lists, not a single string")
+    ids = encode_prompts(tokenizer, prompts)
+    mask_id, eos_id, pad_id = special_ids(model, tokenizer)
+    limit = max_positions(model)
+    for i, p in enumerate(ids):
+        if limit is not None and len(p) + cfg.max_new_tokens > limit:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {cfg.max_new_tokens} that is "
+                             f"{len(p) + cfg.max_new_tokens} positions, over the model's max_position_embeddings "
+                             f"{limit}. Shorten the prompt or lower max_new_tokens.")
+    if batch_size is not None and batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    bs = batch_size or len(ids)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    kwargs = {**_decoder_kwargs(cfg, eos_id), **decoder_kwargs}
+    results: list[Result] = []
+    for s in range(0, len(ids), bs):
+        chunk = ids[s:s + bs]
+        t0 = time.perf_counter()
+        fill = mask_id if cfg.mode != "ar" else pad_id
+        batch = make_batch(chunk, cfg.max_new_tokens, fill, pad_id, device)
+        log = StepLog(len(chunk), trace, on_step, list(range(s, s + len(chunk))))
+        DECODERS[cfg.mode](model, batch, cfg, log, generator, **kwargs)
+        answers = batch.answer().tolist()
+        _sync(device)
+        wall = time.perf_counter() - t0
+        for i, row in enumerate(answers):
+            toks = cut_at_eos(row, eos_id)
+            if mask_id is not None and cfg.mode != "ar":
+                # masks can only remain after the first EOS (cut) or when decoding stopped early
+                toks = [t for t in toks if t != mask_id]
+            text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
+            nfe = log.nfe[i]
+            results.append(Result(text=text, token_ids=toks, num_tokens=len(toks), nfe=nfe,
+                                  tokens_per_forward=len(toks) / max(nfe, 1), wall_time=wall,
+                                  tokens_per_s=len(toks) / wall if wall > 0 else 0.0,
+                                  trace=log.records[i] if trace else None, prompt_tokens=len(chunk[i])))
+    return results
+
+
+# ---- loading -----------------------------------------------------------------------------
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+TESTBED_ROLE = {"vanilla": "teacher", "fast-dllm": "teacher", "d2f": "student", "ar": "ar"}
+
+
+def _is_ours(name: str) -> bool:
+    """A preset, a local LLaDA/Dream checkpoint, or a LLaDA/Dream hub id."""
+    from d2f.models import PRESETS
+    if name in PRESETS:
+        return True
+    p = Path(name).expanduser()
+    if (p / "config.json").is_file():
+        model_type = str(json.loads((p / "config.json").read_text()).get("model_type", "")).lower()
+        return model_type in ("llada", "dream")
+    return any(k in name.lower() for k in ("llada", "dream"))
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None, device="cpu",
+         dtype="float32", tokenizer: str | None = None):
+    """(model, tokenizer) ready for `generate`. model None = the testbed model for the mode:
+    the teacher for vanilla / fast-dllm, the student (teacher + D2F adapter, merged) for d2f,
+    the AR baseline for ar. An adapter (PEFT LoRA dir) is merged into the model for speed."""
+    from d2f import testbed
+    from d2f.models import PRESETS, load_model
+
+    if mode not in MODES:
+        raise DecodeConfigError(f"mode {mode!r} is not one of {MODES}")
+    dt = parse_dtype(dtype)
+    tok_path = tokenizer
+    if model is None:
+        role = TESTBED_ROLE[mode]
+        if role == "student":
+            adapter = adapter or str(testbed.model_path("student"))
+            model = str(testbed.model_path("teacher"))
+        else:
+            model = str(testbed.model_path(role))
+        tok_path = tok_path or str(testbed.tokenizer_path())
+    if _is_ours(model):
+        m = load_model(model, dtype=dt, device=device)
+    else:
+        import transformers
+        from packaging.version import Version
+        # transformers renamed torch_dtype to dtype in 4.56
+        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        m = transformers.AutoModelForCausalLM.from_pretrained(model, **{key: dt}).to(device)
+    if adapter is not None:
+        from peft import PeftModel
+        m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+    m.eval()
+    if tok_path is None:  # the checkpoint's own tokenizer, if it has one
+        p = Path(model).expanduser()
+        if model in PRESETS:
+            tok_path = PRESETS[model][0]  # the hub id; None for the random tiny presets
+        elif p.is_dir() and _has_tokenizer(p):
+            tok_path = str(p)
+        elif not p.exists() and model.count("/") == 1:
+            tok_path = model  # a hub id
+    tok = _load_tokenizer(tok_path) if tok_path is not None else None
+    return m, tok
+
+
+def format_prompt(tokenizer, text: str, chat: bool = True) -> str:
+    """The user's text wrapped in the tokenizer's chat template (when it has one and chat=True)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def config_dict(cfg: DecodeConfig) -> dict:
+    return asdict(cfg)

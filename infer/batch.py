@@ -1,0 +1,100 @@
+"""A batch of prompts laid out in one buffer, and the model calls every decoder shares.
+
+Prompts of different lengths are *left*-padded so every sample's answer starts at the same
+buffer index P (= the longest prompt). Padding is hidden from attention by `key_valid`, and
+each sample gets its own `position_ids` starting at 0 on its first real token, so a sample
+sees exactly what it would see alone (the public Fast-dLLM batch code forgot the padding mask,
+which made accuracy depend on batch size).
+
+    buffer index:  0 .. P-1          P .. P+G-1
+    sample 0:      pad pad p p p     answer (G positions, mask tokens at the start)
+    sample 1:      p p p p p p p     answer
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from d2f.masks import Pattern
+from d2f.models.common import shift_logits
+
+
+@dataclass
+class Batch:
+    x: Tensor  # (B, L) long: left-padded prompts, then G answer slots
+    position_ids: Tensor  # (B, L) long
+    key_valid: Tensor | None  # (B, L) bool, False at padding; None when nothing is padded
+    prompt_len: int  # P: buffer index of the first answer position (same for every sample)
+    prompt_lens: list[int]  # real length of each sample's prompt
+
+    @property
+    def gen_len(self) -> int:
+        return self.x.shape[1] - self.prompt_len
+
+    def answer(self) -> Tensor:
+        return self.x[:, self.prompt_len:]  # (B, G) view
+
+    def select(self, rows: Tensor) -> "Batch":
+        """The samples `rows` only (decoders drop finished samples); same layout, same P."""
+        kv = self.key_valid[rows] if self.key_valid is not None else None
+        return Batch(self.x[rows], self.position_ids[rows], kv, self.prompt_len,
+                     [self.prompt_lens[i] for i in rows.tolist()])
+
+
+def make_batch(prompts: list[list[int]], gen_len: int, fill_id: int, pad_id: int, device=None) -> Batch:
+    """Left-pad prompts (lists of token ids) and append gen_len slots filled with fill_id."""
+    P = max(len(p) for p in prompts)
+    B, L = len(prompts), P + gen_len
+    x = torch.full((B, L), fill_id, dtype=torch.long)
+    key_valid = torch.ones(B, L, dtype=torch.bool)
+    position_ids = torch.zeros(B, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        pad = P - len(p)
+        x[i, :pad] = pad_id
+        x[i, pad:P] = torch.tensor(p, dtype=torch.long)
+        key_valid[i, :pad] = False
+        position_ids[i, pad:] = torch.arange(L - pad)
+    padded = bool((~key_valid).any())
+    return Batch(x.to(device), position_ids.to(device), key_valid.to(device) if padded else None,
+                 P, [len(p) for p in prompts])
+
+
+def forward_logits(model, batch: Batch, lo: int, hi: int, need_lo: int, pattern: Pattern | None,
+                   cache=None) -> tuple[Tensor, int]:
+    """One model call over buffer rows [lo, hi), with Dream's logit shift handled.
+
+    Returns (logits, start) where logits[:, i] predicts the token at buffer index start + i and
+    is valid for every index >= need_lo. For a shifted model (row i predicts token i + 1) the
+    call starts one row earlier when needed, so index need_lo still gets its prediction.
+    """
+    shift = model.config.logits_shift
+    start = min(lo, need_lo - shift)
+    if start < 0:
+        raise ValueError(f"cannot predict buffer index {need_lo} with a shifted-logits model: it needs index "
+                         f"{need_lo - 1} (the prompt must not be empty)")
+    logits = model(batch.x[:, start:hi], position_ids=batch.position_ids[:, start:hi], mask=pattern,
+                   cache=cache, offset=start)  # (B, hi - start, V)
+    if shift:
+        logits = shift_logits(logits)
+    # LLaDA's head has embedding_size >= vocab_size rows; the extra ones are not tokens.
+    return logits[..., :model.config.vocab_size], start
+
+
+def answer_done(answer: Tensor, mask_id: int, eos_id: int | None) -> Tensor:
+    """(B,) bool: the answer can no longer change up to its first EOS, i.e. it has no masks at all,
+    or it has a committed EOS with no mask before it (tokens are never remasked)."""
+    masked = answer == mask_id  # (B, G)
+    done = ~masked.any(-1)
+    if eos_id is None:
+        return done
+    eos_clear = (answer == eos_id) & (masked.long().cumsum(-1) == 0)
+    return done | eos_clear.any(-1)
+
+
+def cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The answer up to and including its first EOS."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    return tokens

@@ -1,0 +1,89 @@
+"""Token choice, confidence and the commit rules shared by every decoder (DESIGN.md §3).
+
+All probability math is float64: confidences of 0.9 vs 0.9000001 decide which tokens are
+committed, and bf16/fp32 softmax ties would make decoding depend on the batch shape.
+
+- `predict(logits, temperature, generator)`: the token each position would take and its
+  confidence (softmax probability of that token). temperature 0 = argmax; temperature > 0 =
+  Gumbel-max in float64 (LLaDA's `add_gumbel_noise`, written as argmax(logits / T + G)).
+- Commit rules: given confidences (B, T) and a bool `masked` (B, T), return a bool (B, T) of
+  positions to commit. Positions that are not masked are never chosen.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def predict(logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None,
+            exclude: int | None = None) -> tuple[Tensor, Tensor]:
+    """logits (B, T, V) -> (tokens (B, T) long, confidence (B, T) float64).
+
+    exclude: a token id never to predict (the mask token: committing a mask would undo a
+    commit, and on an untrained model could keep a block from ever finishing).
+    """
+    logits = logits.double()
+    if exclude is not None:
+        logits[..., exclude] = NEG_INF
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        # the generator lives on the logits' device (see infer.api.generate)
+        u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        tokens = (logits / temperature + gumbel).argmax(-1)
+    else:
+        tokens = logits.argmax(-1)
+    conf = probs.gather(-1, tokens[..., None])[..., 0]
+    return tokens, conf
+
+
+def masked_conf(conf: Tensor, masked: Tensor) -> Tensor:
+    """Confidence with -inf where the position is not masked (so it is never picked)."""
+    return torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+
+
+def commit_topk(conf: Tensor, masked: Tensor, k: Tensor | int) -> Tensor:
+    """Commit the k most confident masked positions of each row (k (B,) or int; capped at #masked)."""
+    B, T = conf.shape
+    k = torch.as_tensor(k, device=conf.device).expand(B)
+    k = torch.minimum(k, masked.sum(-1))
+    order = masked_conf(conf, masked).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(T, device=conf.device).expand(B, T))
+    return (rank < k[:, None]) & masked
+
+
+def commit_threshold(conf: Tensor, masked: Tensor, tau: float, at_least_one: Tensor | bool = True,
+                     strict: bool = False) -> Tensor:
+    """Commit every masked position with conf >= tau (> tau if strict); where `at_least_one`
+    (bool or (B,)), also the single most confident masked position when none passes."""
+    c = masked_conf(conf, masked)
+    sel = (c > tau) if strict else (c >= tau)
+    sel = sel & masked
+    need = torch.as_tensor(at_least_one, device=conf.device).expand(conf.shape[0])
+    need = need & ~sel.any(-1) & masked.any(-1)
+    best = torch.zeros_like(sel).scatter_(1, c.argmax(-1, keepdim=True), True)
+    return sel | (best & need[:, None])
+
+
+def commit_factor(conf: Tensor, masked: Tensor, factor: float) -> Tensor:
+    """Fast-dLLM factor rule: sort desc c_(1) >= c_(2) >= ...; commit the top n for the largest n
+    with (n + 1) * (1 - c_(n)) <= factor; at least one where anything is masked."""
+    c = masked_conf(conf, masked)
+    sorted_c, _ = c.sort(dim=-1, descending=True)
+    n = torch.arange(1, c.shape[-1] + 1, device=c.device, dtype=torch.float64)
+    ok = ((n + 1) * (1 - sorted_c) <= factor) & torch.isfinite(sorted_c)
+    # (n+1)(1-c_(n)) grows with n (c_(n) falls), so the passing n form a prefix: count them.
+    count = ok.sum(-1).clamp_min(1)
+    return commit_topk(conf, masked, count)
+
+
+def vanilla_schedule(masked_count: Tensor, steps: int) -> Tensor:
+    """LLaDA's per-step commit counts for one block: masked // steps each step, the remainder
+    added one by one to the earliest steps. masked_count (B,) -> (B, steps) long."""
+    base = torch.div(masked_count, steps, rounding_mode="floor")[:, None]  # (B, 1)
+    rem = (masked_count % steps)[:, None]
+    step = torch.arange(steps, device=masked_count.device)[None]  # (1, steps)
+    return base + (step < rem).long()

@@ -1,0 +1,119 @@
+"""Teacher-generated answers for D2F distillation: prompts in, {"question", "answer"} jsonl out.
+
+D2F distils the teacher's own behaviour, so the answers the student trains on come from the
+teacher (the public recipe used Bespoke-Stratos-17k prompts answered by the model). This script
+decodes every prompt with the teacher through the inference engine (`infer.api.generate`,
+batched) and writes one JSON object per line:
+
+    {"question": <prompt text>, "answer": <teacher's answer text>, "num_tokens": N, "finished": bool,
+     "reference": <the source's own answer, if any>, "final": <gold number, testbed only>}
+
+Examples:
+    # the testbed: its own train problems (d2f.data.gsm), answered by the testbed teacher
+    python scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer \\
+        --source testbed --n 2000 --out data/distill/testbed_train.jsonl
+    # any jsonl / hub data set with a prompt field
+    python scripts/make_distill_data.py --model GSAI-ML/LLaDA-8B-Instruct --source prompts.jsonl \\
+        --prompt-field question --out data/distill/llada.jsonl --device cuda --dtype bfloat16 --batch-size 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="the teacher: checkpoint dir, hub id or preset")
+    ap.add_argument("--tokenizer", default=None, help="default: the model's own")
+    ap.add_argument("--source", required=True, help="'testbed' (d2f.data.gsm train problems), a .jsonl or a hub id")
+    ap.add_argument("--split", default="train", help="hub split")
+    ap.add_argument("--prompt-field", default=None, help="default: 'prompt' or 'question'")
+    ap.add_argument("--n", type=int, default=None, help="number of prompts (required for --source testbed)")
+    ap.add_argument("--seed", type=int, default=0, help="testbed problem generator seed")
+    ap.add_argument("--out", required=True, help="output .jsonl")
+    ap.add_argument("--mode", default="vanilla", choices=["vanilla", "fast-dllm"],
+                    help="teacher decoder (vanilla = one token per forward, the teacher's best quality)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    return ap.parse_args(argv)
+
+
+def load_prompts(args) -> list[dict]:
+    """[{"question", optional "reference", optional "final"}] -- checked before any decoding."""
+    if args.source == "testbed":
+        if not args.n:
+            raise SystemExit("--source testbed needs --n (how many train problems to generate)")
+        from d2f.data.gsm import make_problems
+        return [{"question": p["question"], "reference": p["answer"], "final": p["final"]}
+                for p in make_problems("train", args.n, seed=args.seed)]
+    from train.distill import ANSWER_FIELDS, read_records, resolve_fields
+    records = read_records(args.source, args.split, args.n)
+    first = records[0]
+    pf = args.prompt_field or next((f for f in ("prompt", "question") if f in first), None)
+    if pf is None or pf not in first:
+        raise SystemExit(f"{args.source!r} has no prompt field {args.prompt_field or ['prompt', 'question']}; "
+                         f"records have {sorted(first)} (set --prompt-field)")
+    af = next((f for f in ANSWER_FIELDS if f in first), None)
+    if af:
+        resolve_fields(records, args.source, pf, af)  # every record has both
+    return [{"question": str(r[pf]), **({"reference": r[af]} if af else {})} for r in records]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        from infer.api import DecodeConfig, format_prompt, generate, load
+    except ImportError as e:
+        raise SystemExit(f"the inference engine is not installed ({e}); it lives in infer/ of this repository: "
+                         "run from the repository root with `pip install -e .`") from None
+    problems = load_prompts(args)
+    cfg = DecodeConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size)
+    cfg.validate()
+    model, tok = load(args.model, mode=args.mode, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    if tok is None:
+        raise SystemExit(f"no tokenizer found for {args.model!r}; pass --tokenizer")
+    from d2f.data.extract import is_correct
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    t0, done, unfinished, correct = time.time(), 0, 0, 0
+    chunk = args.batch_size * 4  # write (and report) progress every few batches
+    with open(tmp, "w") as f:
+        for s in range(0, len(problems), chunk):
+            part = problems[s:s + chunk]
+            prompts = [format_prompt(tok, p["question"], chat=not args.no_chat) for p in part]
+            results = generate(model, tok, prompts, cfg, batch_size=args.batch_size)
+            for p, r in zip(part, results):
+                finished = _ends_with_eos(r, model)  # token_ids end at the first EOS when there is one
+                unfinished += not finished
+                if "final" in p:
+                    correct += is_correct(r.text, p["final"])
+                f.write(json.dumps({"question": p["question"], "answer": r.text.strip(), "num_tokens": r.num_tokens,
+                                    "finished": finished, **{k: p[k] for k in ("reference", "final") if k in p}}) + "\n")
+            done += len(part)
+            rate = done / (time.time() - t0)
+            print(f"{done}/{len(problems)} prompts, {rate:.2f}/s, eta {(len(problems) - done) / rate:.0f}s", flush=True)
+    os.replace(tmp, out)
+    acc = f", teacher accuracy {correct / done:.1%}" if "final" in problems[0] else ""
+    print(f"wrote {done} answers to {out} ({unfinished} hit max_new_tokens without EOS{acc})")
+
+
+def _ends_with_eos(result, model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    eos = getattr(base.config, "eos_token_id", None)
+    return bool(result.token_ids) and result.token_ids[-1] == eos
+
+
+if __name__ == "__main__":
+    main()

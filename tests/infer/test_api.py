@@ -1,0 +1,96 @@
+"""infer.api: input validation with clear errors, load() with presets / checkpoints / adapters."""
+import pytest
+import torch
+
+from helpers import random_model
+from infer.api import DecodeConfig, DecodeConfigError, format_prompt, generate, load
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(threshold=1.5), "threshold must be in [0, 1], got 1.5"),
+    (dict(tau_conf=-0.1), "tau_conf must be in [0, 1], got -0.1"),
+    (dict(tau_add=2), "tau_add must be in [0, 1], got 2"),
+    (dict(tau_act=1.01), "tau_act must be in [0, 1], got 1.01"),
+    (dict(mode="vanilla", max_new_tokens=20, block_size=8), "max_new_tokens 20 is not a multiple of block_size 8"),
+    (dict(mode="vanilla", max_new_tokens=32, block_size=8, steps=6), "steps 6 is not a multiple of the number of blocks 4"),
+    (dict(mode="nope"), "mode 'nope'"),
+    (dict(cache="full"), "cache 'full'"),
+    (dict(rule="greedy"), "rule 'greedy'"),
+    (dict(factor=0), "factor must be > 0, got 0"),
+    (dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+])
+def test_bad_config(kw, needle):
+    with pytest.raises(DecodeConfigError) as e:
+        DecodeConfig(**kw)
+    assert needle in str(e.value)
+
+
+def test_bad_inputs_name_the_value():
+    model = random_model("tiny-llada")  # max_position_embeddings 512
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=32, block_size=8)
+    with pytest.raises(ValueError, match=r"prompt 1 .* is empty"):
+        generate(model, None, [[3, 4], []], cfg)
+    with pytest.raises(ValueError, match=r"prompt 0 has 500 tokens; with max_new_tokens 32 .* 532 .* 512"):
+        generate(model, None, [[3] * 500], cfg)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(model, None, ["hello"], cfg)
+    with pytest.raises(DecodeConfigError, match="mode 'ar' needs a causal model"):
+        generate(model, None, [[3]], DecodeConfig(mode="ar"))
+    causal = random_model("tiny-ar")
+    for mode in ("vanilla", "fast-dllm", "d2f"):
+        with pytest.raises(DecodeConfigError, match=f"mode '{mode}' needs a diffusion LM"):
+            generate(causal, None, [[3]], DecodeConfig(mode=mode, max_new_tokens=32, block_size=8))
+
+
+def test_load_checkpoint_with_merged_lora_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    base = random_model("tiny-llada", seed=31)
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(random_model("tiny-llada", seed=31),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "attn_out"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, tok = load(str(tmp_path / "base"), "d2f", adapter=str(tmp_path / "adapter"), dtype="float64")
+    assert tok is None  # the checkpoint has no tokenizer files
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged
+    x = torch.tensor([[5, 6, 7, 127, 127]])
+    with torch.no_grad():
+        assert torch.allclose(model(x), peft_model(x), atol=1e-9)
+        assert not torch.allclose(model(x), base(x), atol=1e-3)
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=8, block_size=4, tau_conf=0.5)
+    assert generate(model, None, [[5, 6, 7]], cfg)[0].token_ids == generate(peft_model, None, [[5, 6, 7]], cfg)[0].token_ids
+
+
+def test_load_preset_and_errors():
+    model, tok = load("tiny-dream", "fast-dllm", dtype="bf16")
+    assert model.dtype == torch.bfloat16 and model.config.arch == "dream"
+    with pytest.raises(ValueError, match="dtype 'int3'"):
+        load("tiny-dream", "fast-dllm", dtype="int3")
+    with pytest.raises(DecodeConfigError, match="mode 'foo'"):
+        load("tiny-dream", "foo")
+
+
+def test_format_prompt():
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "<u>" + messages[0]["content"] + "</u><a>"
+    assert format_prompt(Tok(), "hi") == "<u>hi</u><a>"
+    assert format_prompt(Tok(), "hi", chat=False) == "hi"
+
+
+def test_load_hf_causal_checkpoint(tmp_path):
+    from test_ar import PROMPTS, hf_model
+    from test_cli import make_tokenizer
+    hf = hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "qwen")
+    make_tokenizer(tmp_path / "qwen")
+    model, tok = load(str(tmp_path / "qwen"), "ar", dtype="float64")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tok is not None
+    cfg = DecodeConfig(mode="ar", max_new_tokens=6)
+    assert generate(model, tok, PROMPTS, cfg)[0].token_ids == generate(hf, None, PROMPTS, cfg)[0].token_ids
+    with pytest.raises(DecodeConfigError, match="mode 'd2f' needs a diffusion LM .* HF causal LM"):
+        generate(model, tok, PROMPTS, DecodeConfig(mode="d2f", max_new_tokens=8, block_size=4))

@@ -1,0 +1,273 @@
+"""Attention backends (sdpa, flex, triton, reference) against the one definition, and the triton
+backend inside tiny models: whole-sequence forwards, cached block-by-block forwards and D2F
+decoding give the same results as SDPA.
+
+The triton backend runs on a GPU when there is one, else under the Triton CPU interpreter (see
+tests/kernels/conftest.py; this file re-runs itself in a fresh process when triton was imported
+before the interpreter could be switched on).
+"""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+# on a CPU flex attention runs eagerly, on purpose (compiling it takes longer than the tests)
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+from d2f import masks  # noqa: E402
+from d2f.cache import KVCache  # noqa: E402
+from d2f.models import build_model, load_model, preset_config  # noqa: E402
+from d2f.models.common import RMSNorm, SDPABackend, reference_attention  # noqa: E402
+from kernels import backends, block_attention  # noqa: E402
+from kernels.backends import (FlexBackend, ReferenceBackend, TritonBackend, get_backend,  # noqa: E402
+                              set_backend)
+from kernels.block_attention import kernel_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = kernel_available(DEVICE)
+
+
+def needs_kernel(test):
+    """Runs the kernel: here if it can, else in test_whole_file_in_fresh_process (marker `kernel`)."""
+    skip = pytest.mark.skipif(not HERE, reason="kernel unavailable in this process; "
+                              "test_whole_file_in_fresh_process runs it")
+    return pytest.mark.kernel(skip(test))
+
+
+@pytest.mark.skipif(HERE, reason="the kernel runs in this process: the tests below run directly")
+def test_whole_file_in_fresh_process(fresh_process):
+    fresh_process(__file__)
+
+
+def flex_runs() -> str | None:
+    """None if flex attention runs here, else why not (it needs torch >= 2.5; CPU support varies)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        bm = masks.flex_block_mask(masks.block_causal(3, 2), 8, 8)
+        q = torch.randn(1, 1, 8, 16, device=DEVICE)
+        with warnings.catch_warnings():  # eager flex on a CPU, on purpose (see pytestmark)
+            warnings.simplefilter("ignore")
+            FlexBackend()(q, q, q, bm.to(DEVICE))
+    except Exception as e:  # noqa: BLE001 - any failure means: skip, and say why
+        return f"flex attention does not run here: {type(e).__name__}: {e}"
+    return None
+
+
+FLEX_SKIP = flex_runs()
+
+
+def qkv(B, H, Hkv, Tq, S, D=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, h, t, D, generator=g).to(DEVICE, dtype) for h, t in ((H, Tq), (Hkv, S), (Hkv, S)))
+
+
+def left_pad(starts, length):
+    return torch.arange(length, device=DEVICE)[None, :] >= torch.tensor(starts, device=DEVICE)[:, None]
+
+
+def random_mask(n):
+    """An explicit (B, 1, n, n) bool mask no pattern describes; every query sees itself."""
+    keep = torch.rand(2, 1, n, n, generator=torch.Generator().manual_seed(0)) > 0.3
+    return (keep | torch.eye(n, dtype=torch.bool)).to(DEVICE)
+
+
+# name: (mask factory, q_offset, q_len, k_offset, kv_len). Masks are built per call (tensors on DEVICE).
+SCENARIOS = {
+    "none_is_full": (lambda: None, 0, 21, 0, 21),
+    "full_left_pad": (lambda: masks.full(left_pad([0, 5], 40)), 0, 21, 0, 21),
+    "causal_with_cache": (lambda: masks.causal(), 17, 9, 0, 26),
+    "block_causal_cache": (lambda: masks.block_causal(11, 8, left_pad([3, 0], 60)), 19, 24, 0, 43),
+    "block_causal_prompt_lens": (lambda: masks.block_causal(torch.tensor([9, 12], device=DEVICE), 4), 0, 28, 0, 28),
+    "block_causal_no_cache_offset": (lambda: masks.block_causal(11, 8), 19, 16, 19, 16),
+    "right_padding_falls_back": (lambda: masks.block_causal(5, 4, torch.arange(30, device=DEVICE).expand(2, 30) < 27),
+                                 0, 30, 0, 30),
+    "explicit_tensor_mask": (lambda: random_mask(13), 0, 13, 0, 13),
+}
+
+
+def expected(mask, q, k, v, q_offset, k_offset):
+    if isinstance(mask, torch.Tensor):
+        return reference_attention(q, k, v, mask)
+    pattern = mask or masks.Pattern("full")
+    q_idx = torch.arange(q_offset, q_offset + q.shape[2], device=DEVICE)
+    k_idx = torch.arange(k_offset, k_offset + k.shape[2], device=DEVICE)
+    return reference_attention(q, k, v, pattern.dense(q_idx, k_idx))
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("name", ["sdpa", "flex", pytest.param("triton", marks=pytest.mark.kernel), "reference"])
+def test_backend_matches_dense_reference(name, scenario):
+    if name == "flex" and FLEX_SKIP:
+        pytest.skip(FLEX_SKIP)
+    if name == "triton" and not HERE:
+        pytest.skip("kernel unavailable in this process; test_whole_file_in_fresh_process runs it")
+    make_mask, q_offset, q_len, k_offset, kv_len = SCENARIOS[scenario]
+    mask = make_mask()
+    q, k, v = qkv(2, 4, 2, q_len, kv_len)
+    backend = get_backend(name)
+    got = backend(q, k, v, backend.prepare(mask, q_offset, q_len, k_offset, kv_len, DEVICE))
+    torch.testing.assert_close(got, expected(mask, q, k, v, q_offset, k_offset), atol=2e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The `kind` of every kernel call the triton backend makes (proves it did not fall back)."""
+    calls = []
+    monkeypatch.setattr(backends, "block_causal_attention",
+                        lambda *a, **kw: calls.append(kw["kind"]) or block_attention.block_causal_attention(*a, **kw))
+    return calls
+
+
+@needs_kernel
+def test_triton_backend_uses_the_kernel_for_patterns(kernel_calls):
+    """Patterns reach the kernel; tensor masks and non-prefix padding go to SDPA."""
+    calls = kernel_calls
+    q, k, v = qkv(2, 4, 2, 8, 20)
+    b = TritonBackend()
+    with torch.no_grad():
+        b(q, k, v, b.prepare(masks.block_causal(6, 4, left_pad([2, 0], 20)), 12, 8, 0, 20, DEVICE))
+        b(q, k, v, b.prepare(None, 12, 8, 0, 20, DEVICE))
+        b(q, k, v, b.prepare(torch.ones(1, 1, 8, 20, dtype=torch.bool, device=DEVICE), 12, 8, 0, 20, DEVICE))
+        holes = left_pad([0, 0], 20) & (torch.arange(20, device=DEVICE) != 7)
+        b(q, k, v, b.prepare(masks.full(holes), 12, 8, 0, 20, DEVICE))
+    assert calls == ["block_causal", "full"]
+
+
+@needs_kernel
+def test_triton_backend_falls_back_to_sdpa_for_gradients_and_float64():
+    pattern = masks.block_causal(5, 4)
+    b = TritonBackend()
+    q, k, v = qkv(1, 2, 2, 12, 12)
+    q.requires_grad_(True)
+    prepared = b.prepare(pattern, 0, 12, 0, 12, DEVICE)
+    out = b(q, k, v, prepared)
+    assert out.grad_fn is not None  # SDPA, differentiable
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    want = expected(pattern, q.detach(), k, v, 0, 0)
+    torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=1e-5)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    got64 = b(q64, k64, v64, prepared)  # SDPA in float64; the naive reference computes in fp32
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, expected(pattern, q64, k64, v64, 0, 0), atol=1e-6, rtol=1e-6)
+
+
+def test_triton_backend_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(block_attention, "interpreted", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device.*or use set_backend\\(model, 'sdpa'\\)"):
+        TritonBackend().prepare(None, 0, 4, 0, 4, "cpu")
+
+
+def test_set_backend_and_get_backend():
+    model = load_model("tiny-llada")
+    assert isinstance(set_backend(model, "reference").attn_backend, ReferenceBackend)
+    assert isinstance(set_backend(model, "auto").attn_backend, SDPABackend if DEVICE == "cpu" else TritonBackend)
+    wrapper = nn.ModuleDict({"inner": model})  # like DDP wrappers: the model sits inside
+    set_backend(wrapper, "flex")
+    assert isinstance(model.attn_backend, FlexBackend)
+    custom = SDPABackend()
+    assert set_backend(model, custom).attn_backend is custom
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        get_backend("fast")
+    with pytest.raises(ValueError, match="Linear has no attention backend"):
+        set_backend(nn.Linear(2, 2), "sdpa")
+
+
+def test_set_backend_reaches_the_model_inside_peft():
+    peft = pytest.importorskip("peft")
+    model = load_model("tiny-llada")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    set_backend(lora, "reference")
+    assert isinstance(model.attn_backend, ReferenceBackend)
+    assert "attn_backend" not in vars(lora)  # the wrapper itself was not given one
+
+
+# ---- inside the models ------------------------------------------------------------------------
+def peaked_model(name, seed=0, **overrides):
+    """A one-layer tiny model (the interpreter is slow) with N(0, 0.4) weights and norm weights 1,
+    so that logits, and so decoded tokens, are far from ties."""
+    model = build_model(preset_config(name).replace(num_layers=1, **overrides), dtype=torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if id(p) in norms else p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return model.to(DEVICE).eval()
+
+
+def tokens(B, L, vocab, seed=0):
+    return torch.randint(2, vocab - 2, (B, L), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+@torch.no_grad()
+def test_model_full_sequence_block_causal_triton_equals_sdpa(name, kernel_calls):
+    """(a) one forward over prompt + answer under block-causal attention, left-padded batch."""
+    model = peaked_model(name)
+    P, bs, L = 13, 8, 37
+    x = tokens(2, L, model.config.vocab_size)
+    key_valid = left_pad([0, 4], L)
+    pos = (torch.arange(L, device=DEVICE)[None] - torch.tensor([0, 4], device=DEVICE)[:, None]).clamp_min(0)
+    pattern = masks.block_causal(P, bs, key_valid)
+    want = set_backend(model, "sdpa")(x, position_ids=pos, mask=pattern)
+    got = set_backend(model, "triton")(x, position_ids=pos, mask=pattern)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert kernel_calls == ["block_causal"]  # one layer, one kernel call
+
+
+@needs_kernel
+@torch.no_grad()
+def test_model_cached_block_by_block_triton_equals_sdpa_and_full_sequence(kernel_calls):
+    """(b) prompt, then windows of two in-flight blocks against a KV cache (q_offset > 0).
+
+    Under block-causal attention cached keys are exact, so every cached step's logits equal both
+    the SDPA backend's and the whole-sequence forward's at the same positions."""
+    model = peaked_model("tiny-llada-gqa")
+    P, bs, nblocks = 11, 6, 4
+    L = P + nblocks * bs
+    x = tokens(1, L, model.config.vocab_size, seed=1)
+    pattern = masks.block_causal(P, bs)
+    full = set_backend(model, "sdpa")(x, mask=pattern)  # (1, L, V)
+    # windows: prompt; blocks 0-1; blocks 1-2 (block 1 rewritten); blocks 2-3
+    windows = [(0, P)] + [(P + i * bs, P + (i + 2) * bs) for i in range(nblocks - 1)]
+    for backend in ("sdpa", "triton"):
+        set_backend(model, backend)
+        cache = KVCache.for_model(model, 1, L)
+        for lo, hi in windows:
+            logits = model(x[:, lo:hi], mask=pattern, cache=cache, offset=lo)
+            torch.testing.assert_close(logits, full[:, lo:hi], atol=1e-4, rtol=1e-4,
+                                       msg=lambda m: f"{backend} window [{lo}, {hi}): {m}")
+    assert len(kernel_calls) == len(windows)
+
+
+DECODES = {  # mode: (model preset, DecodeConfig kwargs)
+    "d2f": ("tiny-llada", dict(max_new_tokens=16, block_size=8, tau_add=0.3, tau_act=0.5, tau_conf=0.6)),
+    "fast-dllm": ("tiny-llada", dict(cache="dual", max_new_tokens=16, block_size=8, threshold=0.5)),
+    "ar": ("tiny-ar", dict(max_new_tokens=8)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", list(DECODES))
+def test_decoding_triton_equals_sdpa(mode, kernel_calls):
+    """(c) infer.api.generate commits the same tokens with either backend: D2F (block-causal with
+    an exact cache), Fast-dLLM dual cache (full attention, window mid-buffer) and AR (causal)."""
+    api = pytest.importorskip("infer.api")
+    preset, kwargs = DECODES[mode]
+    model = peaked_model(preset, seed=2, num_heads=2, num_kv_heads=2)
+    prompts = [[5, 9, 14, 3, 22, 7, 30], [11, 4, 8]]  # different lengths: left padding
+    cfg = api.DecodeConfig(mode=mode, **kwargs)
+    runs = {}
+    for backend in ("sdpa", "triton"):
+        set_backend(model, backend)
+        runs[backend] = [(r.token_ids, r.nfe) for r in api.generate(model, None, prompts, cfg)]
+    assert runs["triton"] == runs["sdpa"]
+    for toks, nfe in runs["sdpa"]:  # a real decode: several forwards, varied tokens
+        assert nfe > 1 and len(set(toks)) > 2
+    if mode == "d2f":  # one forward per step for the batch, one layer: one kernel call each
+        assert kernel_calls == ["block_causal"] * max(nfe for _, nfe in runs["triton"])
+    assert kernel_calls, "the triton backend never ran the kernel"

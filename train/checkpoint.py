@@ -1,0 +1,158 @@
+"""Atomic training checkpoints with exact resume, for recipes run under `accelerate`.
+
+A checkpoint is a directory `<output_dir>/checkpoint-<step>/` holding everything needed to
+continue a run bit-for-bit:
+
+    model files        whatever the recipe's `save_model(dir)` writes (e.g. a PEFT adapter)
+    optimizer.pt       optimizer state        (plain / DDP runs; DeepSpeed: its own files)
+    scheduler.pt       LR scheduler state     (plain / DDP runs; DeepSpeed: scheduler.bin)
+    rng_state_<r>.pt   python / numpy / torch / cuda RNG of rank r (DeepSpeed: random_states_<r>.pkl)
+    trainer_state.json step, data position, ... (the recipe decides); written last
+    config.yaml        the resolved config of the run
+
+Atomicity: every rank writes into `<output_dir>/.tmp-checkpoint-<step>/`, and only when all of
+them are done does the main process rename it to `checkpoint-<step>`. A run killed mid-save
+leaves a `.tmp-*` directory that `latest_checkpoint` ignores (and the next save removes), so
+resuming always starts from a complete checkpoint.
+
+With DeepSpeed the model/optimizer/scheduler/RNG go through `accelerator.save_state` /
+`load_state` (ZeRO partitions the optimizer state across ranks); frozen parameters are left out
+(`exclude_frozen_parameters`), so a LoRA checkpoint of an 8B model stays small.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from d2f.config import save_config
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_NAME = "trainer_state.json"
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+# ---- RNG ------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every global RNG a training step may draw from (dropout uses torch's)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- finding checkpoints --------------------------------------------------------------------
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place and holding trainer_state.json), oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (keep_last <= 0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for _, p in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ---- save / load ----------------------------------------------------------------------------
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_model: Callable[[Path], None],
+                    optimizer, scheduler, trainer_state: dict, config=None, keep_last: int = 0) -> Path:
+    """Write `<output_dir>/checkpoint-<step>` atomically; call on every rank (it synchronises).
+
+    save_model(dir) is called on the main process only and writes the model files (e.g.
+    `peft_model.save_pretrained(dir)`); with DeepSpeed the trainable weights are also inside the
+    engine's own files, which is what `load_checkpoint` restores.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    if is_deepspeed(accelerator):
+        accelerator.save_state(str(tmp), exclude_frozen_parameters=True)  # all ranks
+    else:
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(tmp)
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
+        write_json_atomic(tmp / STATE_NAME, {**trainer_state, "step": step})
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, ckpt_dir: str | Path, *, load_model: Callable[[Path], None],
+                    optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by `save_checkpoint` (after `accelerator.prepare`); returns
+    its trainer_state. Call on every rank."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / STATE_NAME).is_file():
+        raise FileNotFoundError(f"{str(ckpt_dir)!r} is not a complete checkpoint (no {STATE_NAME})")
+    if is_deepspeed(accelerator):
+        accelerator.load_state(str(ckpt_dir), load_module_strict=False)
+    else:
+        load_model(ckpt_dir)
+        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", map_location="cpu", weights_only=False))
+        rng_file = ckpt_dir / f"rng_state_{accelerator.process_index}.pt"
+        if not rng_file.is_file():
+            raise FileNotFoundError(f"{str(rng_file)!r} is missing: the checkpoint was written by a run with "
+                                    "fewer processes; resume with the same number of processes")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((ckpt_dir / STATE_NAME).read_text())

@@ -1,0 +1,632 @@
+"""D2F asymmetric distillation: teach a LoRA student block-causal decoding (DESIGN.md §4).
+
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml \\
+        train/distill.py --config configs/d2f_llada.yaml [key=value ...]
+    python train/distill.py --config configs/d2f_tiny.yaml max_steps=100 output_dir=runs/tiny
+
+One step: take clean `prompt + answer` sequences, mask the answer block by block with ratios
+that grow along the answer (`d2f.noise`), run the same noisy batch through
+  - the teacher: the frozen base model (LoRA disabled), full attention, no gradient, and
+  - the student: base + LoRA, block-causal attention (answer block k sees the prompt and
+    blocks 0..k only),
+and pull the student's distribution at masked positions towards the teacher's (`d2f.losses`).
+Only the LoRA weights train. The result is a standard PEFT adapter on top of the teacher.
+
+Data: a hub data set or a .jsonl with a prompt (`prompt`/`question`) and an answer
+(`answer`/`response`) field -- or pre-tokenized `prompt_ids`/`answer_ids`. Each sample becomes
+`prompt + answer + EOS padding`, truncated to data.max_length (no packing); answers should come
+from the teacher itself (scripts/make_distill_data.py).
+
+Outputs in output_dir: config.yaml (resolved), adapter/ (PEFT: adapter_config.json +
+adapter_model.safetensors, base_model_name_or_path = model.base), merged/ (merge=true: full
+weights, d2f.models format), checkpoint-<step>/ (train/checkpoint.py; resume=auto continues the
+newest exactly), metrics.jsonl and tensorboard/ (loss parts, lr, grad norm, tokens/s, eval).
+
+The file reads top to bottom: config -> data -> model -> one step -> eval hook -> the recipe
+(checks, processes + model, resume, loop, save).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # `python train/distill.py` / `accelerate launch train/distill.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from d2f import masks  # noqa: E402
+from d2f.config import ConfigError, load_config, save_config  # noqa: E402
+from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
+from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+
+# LoRA targets of the public D2F recipe: the attention projections, by our (= the public
+# checkpoints') module names.
+DEFAULT_TARGETS = {"llada": ["q_proj", "k_proj", "v_proj", "attn_out"],
+                   "dream": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+
+@dataclass
+class ModelSection:
+    base: str = "GSAI-ML/LLaDA-8B-Instruct"  # the teacher: local dir, hub id or preset (tiny-llada)
+    tokenizer: str | None = None  # default: same as base (not needed for pre-tokenized data)
+    dtype: str = "bfloat16"  # weights of the frozen base; LoRA weights train in float32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSection:
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | None = None  # default: DEFAULT_TARGETS[arch]
+
+
+@dataclass
+class DataSection:
+    source: str = "Lansechen/bs17k_collection_filtered_hard_maxlength600"  # hub id or .jsonl path
+    split: str = "train"  # hub split
+    prompt_field: str | None = None  # default: "prompt" or "question"
+    answer_field: str | None = None  # default: "answer" or "response"
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template (user turn)
+    answer_end: str | None = None  # token appended after the answer, before EOS padding
+    max_length: int = 512  # every sequence is padded (with EOS) / truncated to this
+    limit: int | None = None  # use only the first N records
+
+
+@dataclass
+class NoiseSection:
+    block_size: int = 16
+    schedule: str = "monotone"  # or "random" (ablation)
+    p_min: float = 0.2
+    p_max: float = 0.7
+    loss_on_eos_blocks: bool = True  # train on all-EOS padding blocks (what the public code does)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    schedule: str = "constant"  # constant | cosine | linear (after warmup)
+    warmup_steps: int = 0
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # decode a few prompts every N steps with the D2F decoder; 0 = off
+    num_prompts: int = 4
+    source: str | None = None  # hub id / .jsonl; default: the first prompts of the training data
+    max_new_tokens: int = 128
+    gold_field: str | None = None  # e.g. "final": report accuracy with d2f.data.extract.is_correct
+
+
+@dataclass
+class DistillConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    noise: NoiseSection = field(default_factory=NoiseSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output_dir: str = "runs/d2f"
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # sequences per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint in output_dir) | none | path to a checkpoint
+    merge: bool = False  # also write merged full weights to <output_dir>/merged
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Cheap checks that need neither data nor weights; each error names the bad value."""
+    n, d, o = cfg.noise, cfg.data, cfg.optim
+    if d.max_length < 2:
+        raise ConfigError(f"data.max_length must be >= 2, got {d.max_length}")
+    if not 0 < n.block_size < d.max_length:
+        raise ConfigError(f"noise.block_size={n.block_size} does not fit data.max_length={d.max_length}: "
+                          "need 0 < block_size < max_length so a prompt and at least one answer block fit")
+    if n.schedule not in SCHEDULES:
+        raise ConfigError(f"noise.schedule {n.schedule!r} is not one of {SCHEDULES}")
+    if not 0.0 < n.p_min <= n.p_max <= 1.0:
+        raise ConfigError(f"noise ratios need 0 < p_min <= p_max <= 1, got p_min={n.p_min}, p_max={n.p_max}")
+    for name in ("max_steps", "batch_size", "grad_accum"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.lora.r <= 0:
+        raise ConfigError(f"lora.r must be > 0, got {cfg.lora.r}")
+    if o.schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"optim.schedule {o.schedule!r} is not one of constant, cosine, linear")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas needs two values, got {o.betas}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not one of float32, bfloat16, float16")
+
+
+def check_model_source(name: str) -> None:
+    """Fail fast on a teacher path that does not exist (before downloading or loading anything)."""
+    from d2f.models import PRESETS
+    if name in PRESETS:
+        return
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists() or Path(name.split("/")[0]).is_dir() \
+        or name.count("/") != 1
+    if looks_local and not (p / "config.json").is_file():
+        what = "does not exist" if not p.exists() else "has no config.json"
+        raise ConfigError(f"model.base {name!r} {what}: pass a checkpoint directory (config.json + "
+                          "*.safetensors), a hub id (owner/name) or a preset name")
+
+
+# =============================================================================================
+# Data: records -> token ids -> fixed-length sequences
+# =============================================================================================
+
+PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "question"), ("answer", "response")
+
+
+def read_records(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """A local .jsonl file (one JSON object per line) or a hub data set."""
+    p = Path(source).expanduser()
+    if source.endswith(".jsonl") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"data file {source!r} does not exist")
+        records = []
+        with open(p) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"{source}:{i} is not valid JSON ({e})") from None
+                if limit is not None and len(records) >= limit:
+                    break
+    else:
+        import datasets
+        ds = datasets.load_dataset(source, split=split)
+        records = [dict(r) for r in (ds.select(range(min(limit, len(ds)))) if limit is not None else ds)]
+    if not records:
+        raise ConfigError(f"data source {source!r} holds no records")
+    return records
+
+
+def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
+                   answer_field: str | None) -> tuple[str, str]:
+    """Which fields hold the prompt and the answer; a clear error naming what is missing."""
+    first = records[0]
+    if "prompt_ids" in first and "answer_ids" in first and prompt_field is None and answer_field is None:
+        return "prompt_ids", "answer_ids"  # pre-tokenized
+    out = []
+    for given, candidates, what in ((prompt_field, PROMPT_FIELDS, "prompt"), (answer_field, ANSWER_FIELDS, "answer")):
+        options = (given,) if given else candidates
+        name = next((c for c in options if c in first), None)
+        if name is None:
+            raise ConfigError(f"data source {source!r} has no {what} field: expected one of "
+                              f"{list(options)} (set data.{what}_field), records have {sorted(first)}")
+        out.append(name)
+    for i, r in enumerate(records):
+        missing = [f for f in out if f not in r or r[f] is None]
+        if missing:
+            raise ConfigError(f"record {i} of {source!r} lacks field(s) {missing}")
+    return out[0], out[1]
+
+
+def tokenizer_source(m: ModelSection) -> str | None:
+    """model.tokenizer, else the base when it ships a tokenizer (hub ids are assumed to)."""
+    from d2f.models import PRESETS
+    if m.tokenizer:
+        p = Path(m.tokenizer).expanduser()
+        if (m.tokenizer.startswith((".", "/", "~")) or m.tokenizer.count("/") != 1) and not p.is_dir():
+            raise ConfigError(f"model.tokenizer {m.tokenizer!r} does not exist")
+        return m.tokenizer
+    if m.base in PRESETS:
+        return None
+    p = Path(m.base).expanduser()
+    if p.is_dir():
+        return m.base if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else None
+    return m.base
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(name)
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize(records, pf: str, af: str, tokenizer, chat_template: bool, answer_end: str | None):
+    """[(prompt_ids, answer_ids)] -- the answer without EOS (added when padding)."""
+    if pf == "prompt_ids":
+        return [(list(r[pf]), list(r[af])) for r in records]
+    if tokenizer is None:
+        raise ConfigError("text data needs a tokenizer: set model.tokenizer (or use a model.base that ships one)")
+    end = []
+    if answer_end:
+        end = tokenizer(answer_end, add_special_tokens=False)["input_ids"]
+    return [(encode_prompt(tokenizer, str(r[pf]), chat_template),
+             tokenizer(str(r[af]), add_special_tokens=False)["input_ids"] + end) for r in records]
+
+
+def build_sequences(pairs, max_length: int, block_size: int, eos_id: int):
+    """prompt + answer + EOS padding, truncated to max_length.
+
+    Returns ids (N, max_length) long, prompt_len (N,) long, and how many pairs were dropped
+    because their prompt leaves less than one answer block.
+    """
+    rows, plens, dropped = [], [], 0
+    for prompt, answer in pairs:
+        if len(prompt) > max_length - block_size:
+            dropped += 1
+            continue
+        seq = (prompt + answer)[:max_length]
+        rows.append(seq + [eos_id] * (max_length - len(seq)))
+        plens.append(len(prompt))
+    if not rows:
+        raise ConfigError(f"no sample fits: every prompt is longer than data.max_length - noise.block_size "
+                          f"= {max_length} - {block_size}; raise data.max_length")
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(plens, dtype=torch.long), dropped
+
+
+def micro_batch(n: int, batch_size: int, world: int, rank: int, seed: int, index: int) -> torch.Tensor:
+    """Sample indices of this rank's share of global micro-batch `index`.
+
+    Each epoch is a seeded permutation cut into global batches of batch_size * world (the
+    incomplete tail is dropped); rank r takes slice r. A pure function of `index`, so the data
+    position of a run is one integer and resuming needs no sampler state.
+    """
+    gb = batch_size * world
+    per_epoch = n // gb
+    epoch, i = divmod(index, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+    start = i * gb + rank * batch_size
+    return perm[start:start + batch_size]
+
+
+# =============================================================================================
+# Model: teacher = frozen base, student = base + LoRA
+# =============================================================================================
+
+def lora_targets(mcfg, cfg: LoraSection) -> list[str]:
+    """The LoRA target names, checked against the architecture (built on the meta device: no
+    weights, no compute); a clear error when a target matches no linear module."""
+    from d2f.models.io import model_class
+    with torch.device("meta"):
+        skeleton = model_class(mcfg)(mcfg)
+    targets = list(cfg.target_modules or DEFAULT_TARGETS[mcfg.arch])
+    linear_names = sorted({n.split(".")[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+    unknown = [t for t in targets if t not in linear_names]
+    if unknown:
+        raise ConfigError(f"lora.target_modules {unknown} match no linear module of the {mcfg.arch} model; "
+                          f"its linear modules are {linear_names} (D2F uses {DEFAULT_TARGETS[mcfg.arch]})")
+    return targets
+
+
+def add_lora(model, cfg: LoraSection, targets: list[str], base_name: str):
+    """Wrap with PEFT LoRA (base_model_name_or_path = the teacher, so the adapter loads on it)."""
+    from peft import LoraConfig, get_peft_model
+    model.name_or_path = base_name  # PEFT records it as base_model_name_or_path
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      base_model_name_or_path=base_name)
+    peft_model = get_peft_model(model, lcfg)
+    for p in peft_model.parameters():  # LoRA weights train in fp32 whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model
+
+
+def save_adapter(peft_model, adapter_dir: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors (LoRA weights only, the embedding is untouched)."""
+    peft_model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+
+
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(peft_model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+
+
+def make_scheduler(optimizer, cfg: OptimSection, max_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if cfg.schedule == "cosine" else max(0.0, 1 - t)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# =============================================================================================
+# One micro-batch
+# =============================================================================================
+
+def distill_step(model, peft_model, ids, prompt_len, noise: NoiseSection, mask_id: int, eos_id: int,
+                 logits_shift: int, generator: torch.Generator) -> dict:
+    """Noise the batch, run teacher (full attention) and student (block-causal), return loss parts.
+
+    model: the (possibly DDP/DeepSpeed-wrapped) student used for the gradient; peft_model: the
+    unwrapped PeftModel, whose `disable_adapter()` gives the teacher without a second copy.
+    """
+    noised = add_block_noise(ids, prompt_len, noise.block_size, mask_id, generator,
+                             noise.schedule, noise.p_min, noise.p_max)
+    masked = noised.masked
+    if not noise.loss_on_eos_blocks:
+        masked = masked & ~padding_blocks(ids, prompt_len, noise.block_size, eos_id)
+    with torch.no_grad(), peft_model.disable_adapter():
+        teacher_logits = peft_model(noised.noisy_ids)  # (B, L, V) full attention
+    student_logits = model(noised.noisy_ids, mask=masks.block_causal(prompt_len, noise.block_size))
+    return d2f_distill_loss(student_logits, teacher_logits, masked, noised.ratio, logits_shift)
+
+
+# =============================================================================================
+# Evaluation hook: decode a few prompts with the pipelined D2F decoder
+# =============================================================================================
+
+def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
+    """A function (peft_model, step) -> dict of metrics, or None when disabled / unavailable."""
+    if cfg.eval.every <= 0:
+        return None
+    try:
+        from infer.api import DecodeConfig, generate
+    except ImportError as e:
+        print(f"[distill] eval disabled: the inference engine (infer.api) is not available ({e})")
+        return None
+    ev = cfg.eval
+    if ev.source:
+        records = read_records(ev.source, cfg.data.split, ev.num_prompts)
+        pf, _ = resolve_fields(records, ev.source, cfg.data.prompt_field, cfg.data.answer_field)
+    records = records[:ev.num_prompts]
+    if pf == "prompt_ids":
+        prompts = [list(r[pf]) for r in records]
+    else:
+        prompts = [encode_prompt(tokenizer, str(r[pf]), cfg.data.chat_template) for r in records]
+    golds = [str(r[ev.gold_field]) for r in records] if ev.gold_field and all(ev.gold_field in r for r in records) else None
+
+    def run(peft_model, step: int) -> dict:
+        peft_model.eval()
+        dcfg = DecodeConfig(mode="d2f", max_new_tokens=ev.max_new_tokens, block_size=cfg.noise.block_size)
+        with torch.no_grad():
+            results = generate(peft_model, tokenizer, prompts, dcfg)
+        peft_model.train()
+        out = {"eval/tokens_per_forward": sum(r.tokens_per_forward for r in results) / len(results),
+               "eval/tokens_per_s": sum(r.tokens_per_s for r in results) / len(results),
+               "eval/nfe": sum(r.nfe for r in results) / len(results)}
+        if golds is not None:
+            from d2f.data.extract import is_correct
+            out["eval/accuracy"] = sum(is_correct(r.text, g) for r, g in zip(results, golds)) / len(golds)
+        print(f"[distill] step {step} eval sample: {results[0].text[:300]!r}")
+        return out
+
+    return run
+
+
+def find_resume_checkpoint(cfg: DistillConfig) -> Path | None:
+    """The checkpoint to continue from (None = fresh start), checked against this config."""
+    out_dir = Path(cfg.output_dir)
+    if cfg.resume == "none":
+        if latest_checkpoint(out_dir) is not None:
+            raise ConfigError(f"output_dir {str(out_dir)!r} already holds checkpoints and resume=none: pass "
+                              "resume=auto to continue that run, or choose a new output_dir")
+        return None
+    if cfg.resume == "auto":
+        ckpt = latest_checkpoint(out_dir)
+    else:
+        ckpt = Path(cfg.resume)
+        if not (ckpt / "trainer_state.json").is_file():
+            raise ConfigError(f"resume={cfg.resume!r} is not a complete checkpoint directory (no trainer_state.json)")
+    if ckpt is not None:
+        check_resume_config(cfg, ckpt)
+    return ckpt
+
+
+def check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
+    """Refuse to continue a checkpoint under a different model / data / noise / batch setup:
+    the result would be neither run. (Run length, logging, eval and optimizer may change.)"""
+    import yaml
+    from d2f.config import to_dict
+    saved_file = ckpt / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved, now = yaml.safe_load(saved_file.read_text()), to_dict(cfg)
+    fixed = ("model", "lora", "data", "noise", "seed", "batch_size", "grad_accum")
+    diff = [k for k in fixed if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(f"cannot resume {str(ckpt)!r}: its {diff} differ from this run's config "
+                          f"(saved {[saved.get(k) for k in diff]}); use a new output_dir")
+
+
+# =============================================================================================
+# The recipe
+# =============================================================================================
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config (configs/d2f_*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 lora.r=8")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+
+    # ---- 1. everything that can be wrong with the input, before any compute -----------------
+    validate(cfg)
+    check_model_source(cfg.model.base)
+    records = read_records(cfg.data.source, cfg.data.split, cfg.data.limit)
+    pf, af = resolve_fields(records, cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field)
+    from d2f.models import load_model, preset_config, PRESETS
+    from d2f.models.io import read_config, resolve_checkpoint
+    mcfg = preset_config(cfg.model.base) if cfg.model.base in PRESETS else read_config(resolve_checkpoint(cfg.model.base))
+    if mcfg.is_causal:
+        raise ConfigError(f"model.base {cfg.model.base!r} is a causal (AR) model; D2F distils a diffusion LM")
+    if mcfg.eos_token_id is None:
+        raise ConfigError(f"model.base {cfg.model.base!r} has no eos_token_id in its config; answers are EOS-padded")
+    targets = lora_targets(mcfg, cfg.lora)
+    tok_name = tokenizer_source(cfg.model)
+    tokenizer = load_tokenizer(tok_name) if tok_name and (pf != "prompt_ids" or cfg.eval.every > 0) else None
+    pairs = tokenize(records, pf, af, tokenizer, cfg.data.chat_template, cfg.data.answer_end)
+    ckpt = find_resume_checkpoint(cfg)
+    ids_all, plen_all, dropped = build_sequences(pairs, cfg.data.max_length, cfg.noise.block_size, mcfg.eos_token_id)
+
+    # ---- 2. processes, model, optimizer ------------------------------------------------------
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    # Several processes without GPUs: gloo instead of nccl, and (except under DeepSpeed, which
+    # sets up its own process group) accelerate must be told it is on the CPU, or it silently
+    # runs the processes side by side without synchronising them. One plain process: no backend.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu_multi = distributed and not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=cpu_multi and not deepspeed,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_multi else [])
+    if distributed and accelerator.distributed_type.value == "NO":
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up no distributed "
+                           "backend; check the accelerate config (see configs/accelerate/)")
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    n_seq = ids_all.shape[0]
+    if n_seq < cfg.batch_size * world:
+        raise ConfigError(f"the data has {n_seq} usable samples, fewer than one global batch "
+                          f"(batch_size {cfg.batch_size} x {world} processes)")
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # our config is the single source of these numbers
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.grad_accum
+        ds_plugin.deepspeed_config["gradient_clipping"] = cfg.optim.grad_clip
+    out_dir = Path(cfg.output_dir)
+    if main_proc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        print(f"[distill] {n_seq} sequences of {cfg.data.max_length} tokens ({dropped} dropped: prompt too long), "
+              f"{world} process(es)")
+
+    torch.manual_seed(cfg.seed + rank)
+    dtype = getattr(torch, cfg.model.dtype)
+    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device  # not "cpu:0"
+    base = load_model(cfg.model.base, dtype=dtype, device=device)
+    if cfg.model.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    peft_model = add_lora(base, cfg.lora, targets, cfg.model.base)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = make_scheduler(optimizer, o, cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    peft_model = accelerator.unwrap_model(model)
+    logits_shift = peft_model.get_base_model().config.logits_shift
+    mask_id, eos_id = mcfg.mask_token_id, mcfg.eos_token_id
+
+    # ---- 3. resume -----------------------------------------------------------------------------
+    step, micro = 0, 0  # optimizer steps done, global micro-batches consumed (the data position)
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt, load_model=lambda d: load_adapter_weights(peft_model, d),
+                                optimizer=optimizer, scheduler=scheduler)
+        step, micro = state["step"], state["micro"]
+        if main_proc:
+            print(f"[distill] resumed from {ckpt} at step {step}")
+
+    def save(at_step: int):
+        save_checkpoint(accelerator, out_dir, at_step, save_model=lambda d: save_adapter(peft_model, d),
+                        optimizer=optimizer, scheduler=scheduler, trainer_state={"micro": micro},
+                        config=cfg, keep_last=cfg.keep_checkpoints)
+
+    # ---- 4. loop -------------------------------------------------------------------------------
+    from tqdm import tqdm
+    writer = None
+    if main_proc:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    evaluate = make_eval(cfg, tokenizer, records, pf) if main_proc else None
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if main_proc else None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="distill", disable=not main_proc, dynamic_ncols=True)
+    history = []
+    t0, tokens = time.time(), 0
+    while step < cfg.max_steps:
+        sums: dict[str, float] = {}
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        for _ in range(cfg.grad_accum):
+            idx = micro_batch(n_seq, cfg.batch_size, world, rank, cfg.seed, micro)
+            ids, plen = ids_all[idx].to(accelerator.device), plen_all[idx].to(accelerator.device)
+            # noise is a pure function of (seed, rank, data position): exact resume for free
+            gen = torch.Generator().manual_seed(hash((cfg.seed, rank, micro)) & (2**62 - 1))
+            with accelerator.accumulate(model):
+                parts = distill_step(model, peft_model, ids, plen, cfg.noise, mask_id, eos_id, logits_shift, gen)
+                accelerator.backward(parts["loss"])
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, o.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro += 1
+            tokens += ids.numel() * world
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        step += 1
+        # mean over micro-batches, then over processes
+        vec = torch.tensor([sums[k] / cfg.grad_accum for k in sorted(sums)], device=accelerator.device)
+        vec = accelerator.reduce(vec, reduction="mean")
+        logs = {f"train/{k}": float(v) for k, v in zip(sorted(sums), vec)}
+        logs["train/lr"] = lr
+        if grad_norm is not None:
+            logs["train/grad_norm"] = float(grad_norm)
+        logs["train/tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+        if main_proc:
+            history.append({"step": step, **logs})
+            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+            metrics_file.flush()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                for k, v in logs.items():
+                    writer.add_scalar(k, v, step)
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+            bar.update(1)
+        if evaluate is not None and step % cfg.eval.every == 0:
+            ev = evaluate(peft_model, step)
+            for k, v in ev.items():
+                writer.add_scalar(k, v, step)
+            metrics_file.write(json.dumps({"step": step, **ev}) + "\n")
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save(step)
+    bar.close()
+
+    # ---- 5. save -----------------------------------------------------------------------------
+    save(step)
+    if main_proc:
+        adapter_dir = out_dir / "adapter"
+        save_adapter(peft_model, adapter_dir)
+        if cfg.merge:
+            from d2f.models import save_pretrained
+            merged = peft_model.merge_and_unload()
+            save_pretrained(merged, out_dir / "merged")
+        writer.close()
+        metrics_file.close()
+        print(f"[distill] done: {step} steps, adapter in {adapter_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    # the trained PeftModel is handed back to in-process callers (tests, notebooks)
+    return {"history": history, "output_dir": str(out_dir), "step": step, "model": peft_model}
+
+
+if __name__ == "__main__":
+    main()

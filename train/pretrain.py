@@ -1,0 +1,327 @@
+"""Train a testbed model from scratch: the LLaDA SFT objective (dLLM teacher) or next-token CE (AR baseline).
+
+    python train/pretrain.py --config configs/testbed_teacher.yaml [key=value ...]
+    accelerate launch train/pretrain.py --config configs/testbed_ar.yaml max_steps=100
+
+Top to bottom: config -> data (generated GSM8K-format problems, chat-formatted, answers padded with EOS
+to a fixed length) -> model (our LLaDA architecture, random init) -> loop -> final save in the public
+LLaDA layout (config.json + model.safetensors) plus the tokenizer and the resolved config.
+
+Objectives
+- `llada_sft` (LLaDA's SFT recipe): the prompt is never masked; every answer token (EOS padding included,
+  so the model learns where to stop) is replaced by [MASK] with probability p = (1 - eps) * t + eps,
+  t ~ U(0, 1) per sample; the loss is the cross-entropy on masked tokens weighted 1 / p, divided by the
+  sample's answer length and averaged over the batch. Full attention.
+- `causal`: next-token cross-entropy on the answer tokens up to and including the first EOS, for the
+  same-architecture AR baseline (`is_causal: true` goes into its config.json).
+
+Resuming (`resume=auto`, the default) restores model, optimizer, scheduler, every RNG state and the
+data position from the newest checkpoint, so the resumed run continues with the same losses.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from d2f.config import load_config, save_config  # noqa: E402
+from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
+from train.common import (TBLogger, cosine_with_warmup, find_checkpoint, load_checkpoint,  # noqa: E402
+                          save_checkpoint, seed_everything)
+
+OBJECTIVES = ("llada_sft", "causal")
+
+
+@dataclass
+class ModelSpec:
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 704
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class DataSpec:
+    num_problems: int = 50000  # generated train-split problems (distinct)
+    seed: int = 0  # generator seed
+    answer_len: int = 112  # answers (+ EOS) padded with EOS to this many tokens
+
+
+@dataclass
+class PretrainConfig:
+    objective: str = "llada_sft"
+    output_dir: str = "runs/testbed_teacher"
+    tokenizer: str = "testbed/tokenizer"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    batch_size: int = 32  # per process
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mask_eps: float = 1e-3  # llada_sft: minimum masking probability
+    seed: int = 0
+    mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
+    num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoints/step-N directory
+    save_dtype: str = "float32"  # dtype of the final model.safetensors
+    time_limit_minutes: float = 0.0  # > 0: stop (with a checkpoint and a final save) after this long
+
+    def validate(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"save_dtype {self.save_dtype!r} must be 'float32' or 'bfloat16'")
+        if not 0 < self.mask_eps < 1:
+            raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
+        for name in ("batch_size", "max_steps", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def encode_problems(problems: list[dict], tokenizer, answer_len: int) -> list[tuple[list[int], int]]:
+    """(prompt ids + answer ids + EOS padding to answer_len, prompt length) per problem."""
+    from d2f.data.tokenizer import prompt_ids
+    eos = tokenizer.eos_token_id
+    out = []
+    for p in problems:
+        prompt = prompt_ids(tokenizer, p["question"])
+        answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(answer) > answer_len:
+            raise ValueError(f"an answer has {len(answer)} tokens (with EOS), more than data.answer_len="
+                             f"{answer_len}; raise data.answer_len")
+        out.append((prompt + answer + [eos] * (answer_len - len(answer)), len(prompt)))
+    return out
+
+
+def collate(examples: list[tuple[list[int], int]], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad with EOS to the longest sequence (LLaDA SFT: the padding counts as answer)."""
+    L = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), L), eos_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+    prompt_lens = torch.tensor([n for _, n in examples])
+    return input_ids, prompt_lens  # (B, L), (B,)
+
+
+class EpochPermutations:
+    """The data order: an endless stream of epochs, each a fresh permutation seeded by (seed, epoch),
+    so the whole data position is one integer (samples consumed) and resuming needs nothing else."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.cache = n, seed, {}
+
+    def indices(self, position: int, global_batch: int) -> list[int]:
+        out = []
+        for pos in range(position, position + global_batch):
+            epoch, i = divmod(pos, self.n)
+            if epoch not in self.cache:
+                self.cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            out.append(int(self.cache[epoch][i]))
+        return out
+
+
+# ---- objectives --------------------------------------------------------------------------------
+
+def forward_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float,
+                    generator: torch.Generator | None = None):
+    """LLaDA SFT noising: mask each answer token with probability p = (1-eps) t + eps, t ~ U(0,1) per sample.
+
+    Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and p (B,).
+    """
+    B, L = input_ids.shape
+    t = torch.rand(B, generator=generator, device=input_ids.device)
+    p = (1 - eps) * t + eps  # (B,)
+    answer = torch.arange(L, device=input_ids.device)[None] >= prompt_lens[:, None]  # (B, L)
+    masked = (torch.rand(B, L, generator=generator, device=input_ids.device) < p[:, None]) & answer
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    return noisy, masked, p
+
+
+def llada_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
+                   prompt_lens: torch.Tensor) -> torch.Tensor:
+    """sum over masked tokens of CE / (p * answer_len), divided by the batch size (LLaDA SFT)."""
+    B, L = input_ids.shape
+    answer_len = (L - prompt_lens).float()  # (B,) answer + EOS padding
+    weight = 1.0 / (p[:, None] * answer_len[:, None]).expand(B, L)  # (B, L)
+    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (M,)
+    return (ce * weight[masked]).sum() / B
+
+
+def causal_targets(input_ids: torch.Tensor, prompt_lens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Labels for next-token CE: answer tokens up to and including the first EOS, -100 elsewhere."""
+    B, L = input_ids.shape
+    pos = torch.arange(L, device=input_ids.device)[None]  # (1, L)
+    answer = pos >= prompt_lens[:, None]
+    is_eos = (input_ids == eos_id) & answer
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(prompt_lens, L - 1))
+    keep = answer & (pos <= first_eos[:, None])
+    return torch.where(keep, input_ids, torch.full_like(input_ids, -100))
+
+
+def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE: logits row i predicts token i+1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator) -> torch.Tensor:
+    mcfg = model.config if hasattr(model, "config") else model.module.config
+    if cfg.objective == "llada_sft":
+        noisy, masked, p = forward_process(input_ids, prompt_lens, mcfg.mask_token_id, cfg.mask_eps, generator)
+        return llada_sft_loss(model(noisy), input_ids, masked, p, prompt_lens)
+    labels = causal_targets(input_ids, prompt_lens, mcfg.eos_token_id)
+    return causal_loss(model(input_ids), labels)
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+def model_config(cfg: PretrainConfig, tokenizer) -> ModelConfig:
+    m = cfg.model
+    return ModelConfig(arch="llada", vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+                       rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
+                       mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, is_causal=cfg.objective == "causal")
+
+
+def build_dataset(cfg: PretrainConfig, tokenizer):
+    from d2f.data.gsm import make_problems
+    return encode_problems(make_problems("train", cfg.data.num_problems, seed=cfg.data.seed), tokenizer,
+                           cfg.data.answer_len)
+
+
+def train(cfg: PretrainConfig, on_step=None) -> dict:
+    """Run (or resume) training; returns {"step", "losses" (per step of this call), "output_dir", "seconds"}.
+
+    on_step(step, loss), if given, is called after every step (and its checkpoint); tests use it to
+    interrupt a run at a chosen step.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from d2f.data.tokenizer import load_tokenizer
+
+    cfg.validate()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    data = build_dataset(cfg, tokenizer)
+    order = EpochPermutations(len(data), cfg.seed)
+    model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    # the masks are drawn from a generator of our own (one stream per process), saved in every checkpoint
+    generators = {"mask": torch.Generator().manual_seed(cfg.seed * 1000 + rank)}
+
+    step, position = 0, 0
+    ckpt = find_checkpoint(out, cfg.resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, generators)
+        step, position = state["step"], state["position"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        n_params = sum(p.numel() for p in raw.parameters())
+        accelerator.print(f"{cfg.objective}: {n_params / 1e6:.2f}M parameters, {len(data)} problems, "
+                          f"{world} process(es) x batch {cfg.batch_size}")
+    logger = TBLogger(out, enabled=accelerator.is_main_process)
+    global_batch = cfg.batch_size * world
+
+    def checkpoint():
+        if accelerator.is_main_process:
+            save_checkpoint(out, step, raw, optimizer, scheduler, {"position": position}, generators,
+                            config=cfg, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    losses, t_start, t_log, tokens = [], time.time(), time.time(), 0
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.objective)
+    model.train()
+    while step < cfg.max_steps:
+        idx = order.indices(position, global_batch)[rank::world]
+        input_ids, prompt_lens = collate([data[i] for i in idx], tokenizer.eos_token_id)
+        input_ids, prompt_lens = input_ids.to(accelerator.device), prompt_lens.to(accelerator.device)
+        with accelerator.autocast():
+            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"])
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        position += global_batch
+        tokens += input_ids.numel() * world
+        losses.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dt = time.time() - t_log
+            scalars = {"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens / max(dt, 1e-9)}
+            logger.log(scalars, step)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+            t_log, tokens = time.time(), 0
+        out_of_time = cfg.time_limit_minutes > 0 and time.time() - t_start > 60 * cfg.time_limit_minutes
+        if step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time:
+            checkpoint()
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if out_of_time:
+            accelerator.print(f"time_limit_minutes={cfg.time_limit_minutes} reached at step {step}; stopping")
+            break
+    bar.close()
+    logger.close()
+
+    if accelerator.is_main_process:
+        save_pretrained(raw, out, dtype=getattr(torch, cfg.save_dtype))
+        tokenizer.save_pretrained(str(out))
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    return {"step": step, "losses": losses, "output_dir": str(out), "seconds": time.time() - t_start}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML file (configs/testbed_teacher.yaml, ...)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.num_layers=4")
+    args = ap.parse_args(argv)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    result = train(cfg)
+    print(f"done: step {result['step']}, last loss {result['losses'][-1] if result['losses'] else float('nan'):.4f}, "
+          f"{result['seconds']:.0f}s, model saved to {result['output_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
