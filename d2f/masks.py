@@ -105,27 +105,31 @@ def dense_mask(pattern: Pattern, seq_len: int, device=None) -> Tensor:
     return pattern.dense(idx, idx)
 
 
-def flex_block_mask(pattern: Pattern, q_len: int, kv_len: int, q_offset: int = 0, batch: int | None = None):
-    """A flex-attention BlockMask for `pattern` (torch >= 2.5), queries at [q_offset, q_offset+q_len)."""
+def flex_block_mask(pattern: Pattern, q_len: int, kv_len: int, q_offset: int = 0, batch: int | None = None,
+                    k_offset: int = 0, device=None):
+    """A flex-attention BlockMask for `pattern` (torch >= 2.5): queries at buffer indices
+    [q_offset, q_offset+q_len), keys at [k_offset, k_offset+kv_len), built on `device`
+    (default: where `key_valid` lives, else the CPU)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     prompt_len, block_size, key_valid = pattern.prompt_len, pattern.block_size, pattern.key_valid
     per_sample = isinstance(prompt_len, Tensor) and prompt_len.dim() == 1
 
     def mask_mod(b, h, q, k):
-        qi = q + q_offset
+        qi, ki = q + q_offset, k + k_offset
         if pattern.kind == "full":
             ok = qi >= 0
         elif pattern.kind == "causal":
-            ok = k <= qi
+            ok = ki <= qi
         else:
             p = prompt_len[b] if per_sample else prompt_len
             qb = torch.where(qi < p, 0, (qi - p) // block_size + 1)
-            kb = torch.where(k < p, 0, (k - p) // block_size + 1)
+            kb = torch.where(ki < p, 0, (ki - p) // block_size + 1)
             ok = kb <= qb
         if key_valid is not None:
-            ok = ok & (key_valid[b, k] | (k == qi))
+            ok = ok & (key_valid[b, ki] | (ki == qi))
         return ok
 
-    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len,
-                             device=key_valid.device if key_valid is not None else "cpu")
+    if device is None:
+        device = key_valid.device if key_valid is not None else "cpu"
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)

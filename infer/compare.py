@@ -43,7 +43,6 @@ from infer import prompts as P
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "compare_testbed.yaml"
-ROW_KEYS = ("model", "adapter", "tokenizer", "sweep", "enabled")  # the rest of a row's keys are DecodeConfig fields
 
 
 @dataclass
@@ -58,6 +57,7 @@ class CompareConfig:
     batch_size: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int | None = None  # torch CPU threads; None = torch's default (one per core)
     warmup: bool = True
     baseline: str | None = None  # the row the speed-ups are relative to; default: the first vanilla row
     configs: dict = field(default_factory=dict)  # row name -> {model?, adapter?, sweep?, DecodeConfig fields}
@@ -230,6 +230,10 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
     if load_fn is None:
         from infer.api import load as load_fn
     rows = expand_rows(cc.configs, only)
+    if cc.threads is not None:
+        import torch
+
+        torch.set_num_threads(cc.threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = E.load_problems(cc.data, cc.split, cc.limit)
@@ -314,8 +318,11 @@ def markdown_table(report: dict) -> str:
     lines.append("")
     lines.append("tokens/s: answer tokens up to and including the first EOS / wall time of the generate calls "
                  "(prompt included); NFE: forward passes per problem; answer length: tokens per answer.")
+    reasons: dict[str, list[str]] = {}
     for sk in report["skipped"]:
-        lines.append(f"\nSkipped {sk['config']}: {sk['reason']}")
+        reasons.setdefault(sk["reason"], []).append(sk["config"])
+    for reason, names in reasons.items():
+        lines.append(f"\nSkipped {', '.join(names)}: {reason}")
     return "\n".join(lines) + "\n"
 
 

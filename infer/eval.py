@@ -284,6 +284,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -307,6 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = decode_config_from_args(args)
     from infer.api import load
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.shots is None:
         args.shots = P.default_shots(args.data)
     problems = load_problems(args.data, args.split, args.limit)

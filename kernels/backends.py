@@ -12,8 +12,9 @@ models), a `d2f.masks.Pattern`, or an explicit boolean tensor (B|1, 1|H, T, S).
 
 - sdpa: torch SDPA with a dense boolean mask (`d2f.models.common.SDPABackend`, the default).
 - flex: torch flex attention with `d2f.masks.flex_block_mask` (compiled on CUDA, eager elsewhere).
-- triton: the block-causal kernel of `kernels/block_attention.py`; on a CPU only with
-  TRITON_INTERPRET=1 (set before triton is first imported). It is forward-only, so whenever
+- triton: the block-causal kernel of `kernels/block_attention.py`; on a CPU it runs under the
+  Triton interpreter (TRITON_INTERPRET=1 set before triton is first imported), else it warns once
+  and uses the PyTorch reference (slow, correct). It is forward-only, so whenever
   autograd needs gradients, and for inputs it does not cover (explicit tensor masks, padding that
   is not a left prefix, float64), it falls back to SDPA with the dense mask of the same pattern.
 - reference: `block_causal_attention_reference` (naive fp32 PyTorch); slow, for tests.
@@ -21,8 +22,8 @@ models), a `d2f.masks.Pattern`, or an explicit boolean tensor (B|1, 1|H, T, S).
 
 Which backend for training? The D2F student trains on whole sequences under the block-causal
 pattern, which needs a backward pass. The Triton kernel here has none, so training stays on SDPA
-(dense mask; works everywhere, memory O(L^2) per head only for the boolean mask) or flex
-(compiled on CUDA, skips masked tiles in forward *and* backward). We could not measure on a
+(one dense (B|1, 1, L, L) boolean mask shared by all layers; works on every device and torch
+version) or flex (compiled on CUDA, skips masked tiles in forward *and* backward). We could not measure on a
 GPU while writing this, so the training default stays SDPA and flex is opt-in;
 `kernels/bench_block_attention.py` measures the forward of all three for the decoding shapes.
 """
@@ -37,7 +38,7 @@ from d2f.masks import Pattern, flex_block_mask
 from d2f.models.base import DiffusionLM
 from d2f.models.common import SDPABackend, reference_attention
 from kernels.block_attention import (KERNEL_DTYPES, block_causal_attention, block_causal_attention_reference,
-                                     kernel_available, key_start_from_valid, unavailable_reason)
+                                     kernel_available, key_start_from_valid, per_sample)
 
 
 @dataclass
@@ -74,9 +75,6 @@ class TritonBackend:
     name = "triton"
 
     def prepare(self, mask, q_offset: int, q_len: int, k_offset: int, kv_len: int, device):
-        if not kernel_available(device):
-            raise RuntimeError(f"triton attention backend: {unavailable_reason(device)}; "
-                               f"or use set_backend(model, 'sdpa')")
         spec = (mask, q_offset, q_len, k_offset, kv_len, device)
         if isinstance(mask, Tensor):  # an arbitrary dense mask: nothing for the kernel to exploit
             return _sdpa_fallback(*spec)
@@ -98,6 +96,13 @@ class TritonBackend:
             prepared = prepared.fallback
         if isinstance(prepared, _Fallback):
             return SDPABackend()(q, k, v, prepared.mask)
+        if not isinstance(prepared.prompt_len, Tensor) or prepared.key_start is None:
+            # first layer: make the per-sample (B,) int32 arguments once, not in every layer
+            B = q.shape[0]
+            prepared.prompt_len = per_sample(prepared.prompt_len if prepared.prompt_len is not None else 0,
+                                             B, q.device, "prompt_len")
+            prepared.key_start = per_sample(prepared.key_start if prepared.key_start is not None else 0,
+                                            B, q.device, "key_start")
         return block_causal_attention(q, k, v, kind=prepared.kind, prompt_len=prepared.prompt_len,
                                       block_size=prepared.block_size, key_start=prepared.key_start,
                                       q_offset=prepared.q_offset, k_offset=prepared.k_offset)
@@ -124,9 +129,8 @@ class FlexBackend:
     name = "flex"
 
     def prepare(self, mask, q_offset: int, q_len: int, k_offset: int, kv_len: int, device):
-        # `flex_block_mask` numbers keys from 0, which holds with a KV cache (k_offset 0). A
-        # cache-less forward starting past index 0, or an explicit tensor mask, goes to SDPA.
-        if isinstance(mask, Tensor) or k_offset != 0:
+        # An explicit tensor mask has no mask_mod: SDPA serves it.
+        if isinstance(mask, Tensor):
             return _sdpa_fallback(mask, q_offset, q_len, k_offset, kv_len, device)
         pattern = mask if mask is not None else Pattern("full")
         # Tensors the mask_mod reads must live where the block mask is built and used.
@@ -139,7 +143,8 @@ class FlexBackend:
             batch = pattern.key_valid.shape[0]
         elif isinstance(pattern.prompt_len, Tensor) and pattern.prompt_len.dim() == 1:
             batch = pattern.prompt_len.shape[0]
-        return flex_block_mask(pattern, q_len, kv_len, q_offset=q_offset, batch=batch).to(device)
+        return flex_block_mask(pattern, q_len, kv_len, q_offset=q_offset, batch=batch, k_offset=k_offset,
+                               device=device)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared) -> Tensor:
         if isinstance(prepared, _Fallback):

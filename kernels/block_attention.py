@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -185,7 +186,7 @@ def unavailable_reason(device) -> str:
             f"set before triton is first imported); tensors are on {torch.device(device)}")
 
 
-def _per_sample(value, batch: int, device, name: str) -> Tensor:
+def per_sample(value, batch: int, device, name: str) -> Tensor:
     """An int or (B,) tensor of buffer indices -> (B,) int32 on `device`."""
     if isinstance(value, Tensor):
         if value.dim() == 0:
@@ -223,10 +224,10 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "bloc
     Every query must lie inside the key range, so that it can at least see itself.
     block_m / block_n override the tile sizes (powers of two >= 16). out: optional (B, H, Tq, D)
     buffer to write into (tests pass a NaN-filled one to catch rows the kernel never writes).
+
+    Where the kernel cannot run (no triton, or a CPU without the interpreter) this warns once and
+    computes the same thing with `block_causal_attention_reference`.
     """
-    if triton is None:
-        raise RuntimeError("block_causal_attention needs triton (pip install triton on Linux); "
-                           "use block_causal_attention_reference instead")
     if kind not in KIND_IDS:
         raise ValueError(f"unknown attention kind {kind!r}; expected one of {KINDS}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -241,8 +242,6 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "bloc
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if not kernel_available(q.device):
-        raise RuntimeError(unavailable_reason(q.device))
     if q_offset < k_offset or q_offset + Tq > k_offset + S:
         raise ValueError(f"queries [{q_offset}, {q_offset + Tq}) must lie inside keys [{k_offset}, {k_offset + S})")
     if kind == "block_causal" and (prompt_len is None or block_size is None or int(block_size) <= 0):
@@ -254,13 +253,17 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "bloc
         raise ValueError(f"out must match q: got {tuple(out.shape)} {out.dtype} on {out.device}")
     if Tq == 0:
         return out
+    if not kernel_available(q.device):  # the CPU fallback: the same pattern in plain PyTorch
+        _warn_once(f"Triton kernel unavailable, using the PyTorch reference: {unavailable_reason(q.device)}")
+        pattern = pattern_from_args(kind, prompt_len, block_size, key_start, B, k_offset + S, q.device)
+        return out.copy_(block_causal_attention_reference(q, k, v, pattern, q_offset, k_offset))
     bm, bn, num_warps = _tiles(Tq, q.dtype)
     bm, bn = block_m or bm, block_n or bn
     for name, t in (("block_m", bm), ("block_n", bn)):
         if t < 16 or t & (t - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {t}")
-    prompt = _per_sample(prompt_len if prompt_len is not None else 0, B, q.device, "prompt_len")
-    start = _per_sample(key_start if key_start is not None else 0, B, q.device, "key_start")
+    prompt = per_sample(prompt_len if prompt_len is not None else 0, B, q.device, "prompt_len")
+    start = per_sample(key_start if key_start is not None else 0, B, q.device, "key_start")
     # fp32 inputs (and everything under the interpreter) use exact fp32 dots; fp16/bf16 on a GPU
     # feed the tensor cores natively and accumulate in fp32.
     upcast = interpreted() or q.dtype == torch.float32
@@ -280,6 +283,26 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "bloc
 # ---------------------------------------------------------------------------------------------
 # From a d2f.masks.Pattern to the kernel's arguments, and the reference.
 # ---------------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def pattern_from_args(kind: str, prompt_len, block_size, key_start, batch: int, length: int, device) -> Pattern:
+    """The `d2f.masks.Pattern` that the kernel's arguments describe (keys [0, length))."""
+    key_valid = None
+    if key_start is not None:
+        starts = per_sample(key_start, batch, device, "key_start")
+        key_valid = torch.arange(length, device=device)[None, :] >= starts[:, None]  # (B, length)
+    if kind != "block_causal":
+        return Pattern(kind, key_valid=key_valid)
+    return Pattern(kind, prompt_len, int(block_size), key_valid)
+
+
 def key_start_from_valid(key_valid: Tensor, end: int) -> Tensor | None:
     """(B, L) bool key_valid -> (B,) index of the first valid key, if every sample is left-padded.
 
@@ -309,7 +332,7 @@ def block_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, pattern: P
     q_idx = torch.arange(q_offset, q_offset + Tq, device=q.device)
     k_idx = torch.arange(k_offset, k_offset + S, device=q.device)
     mask = (pattern or Pattern("full")).dense(q_idx, k_idx)  # (B|1, 1, Tq, S)
-    qg = q.float().view(B, Hkv, H // Hkv, Tq, D)  # query head h = g * group + j uses kv head g
+    qg = q.float().reshape(B, Hkv, H // Hkv, Tq, D)  # query head h = g * group + j uses kv head g
     scores = torch.einsum("bgjtd,bgsd->bgjts", qg, k.float()) / math.sqrt(D)  # (B, Hkv, group, Tq, S)
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     out = torch.einsum("bgjts,bgsd->bgjtd", scores.softmax(-1), v.float())

@@ -69,3 +69,13 @@ def test_flex_block_mask_matches_dense():
     b, q, k = torch.meshgrid(torch.arange(2), torch.arange(12), torch.arange(12), indexing="ij")
     elem = bm.mask_mod(b, torch.zeros_like(b), q, k)
     assert torch.equal(elem, dense[:, 0])
+
+
+def test_flex_block_mask_with_offsets_matches_dense_rows():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    pattern = masks.block_causal(5, 4)
+    # queries [9, 17), keys [3, 21): a cache-less forward that starts past index 0
+    bm = masks.flex_block_mask(pattern, q_len=8, kv_len=18, q_offset=9, k_offset=3)
+    q, k = torch.meshgrid(torch.arange(8), torch.arange(18), indexing="ij")
+    elem = bm.mask_mod(torch.zeros_like(q), torch.zeros_like(q), q, k)
+    assert torch.equal(elem, masks.dense_mask(pattern, 21)[0, 0, 9:17, 3:21])

@@ -6,7 +6,6 @@ import functools
 import itertools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch

@@ -37,3 +37,39 @@ def run_in_fresh_process(test_file: str, timeout: int = 300) -> None:
 @pytest.fixture
 def fresh_process():
     return run_in_fresh_process
+
+
+def peaked_model(name: str, device, seed: int = 0, **overrides):
+    """A one-layer tiny model (the interpreter is slow) with N(0, 0.4) weights and norm weights 1,
+    so that logits, and so decoded tokens, are far from ties. (Random presets' default init
+    gives near-uniform logits.)"""
+    from d2f.models import build_model, preset_config
+    from d2f.models.common import RMSNorm
+
+    model = build_model(preset_config(name).replace(num_layers=1, **overrides), dtype=torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if id(p) in norms else p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return model.to(device).eval()
+
+
+@pytest.fixture
+def peaked():
+    return peaked_model
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The `kind` of every kernel call the triton backend makes (proves it did not fall back)."""
+    from kernels import backends, block_attention
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["kind"])
+        return block_attention.block_causal_attention(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "block_causal_attention", counting)
+    return calls

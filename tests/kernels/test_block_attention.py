@@ -32,17 +32,21 @@ def test_whole_file_in_fresh_process(fresh_process):
     fresh_process(__file__)
 
 
-def make_qkv(B, H, Hkv, Tq, S, D, dtype, seed=0):
+def make_qkv(B, H, Hkv, Tq, S, D, dtype, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Tq, D, generator=g)
     k = torch.randn(B, Hkv, S, D, generator=g)
     v = torch.randn(B, Hkv, S, D, generator=g)
-    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
 def left_pad_valid(key_start, length):
     """(B, length) key_valid with the first key_start[b] positions padding."""
     return torch.arange(length, device=DEVICE)[None, :] >= torch.as_tensor(key_start, device=DEVICE)[:, None]
+
+
+def left_pad_valid_cpu(key_start, length):
+    return torch.arange(length)[None, :] >= torch.as_tensor(key_start)[:, None]
 
 
 def pattern_of(kind, prompt_len, block_size, key_valid):
@@ -130,8 +134,11 @@ def test_non_contiguous_inputs():
     qkv = torch.randn(B, T, 3, H, D, generator=g).to(DEVICE)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D), strided
     got = block_causal_attention(q, k, v, kind="block_causal", prompt_len=9, block_size=4)
-    want = block_causal_attention_reference(q, k, v, masks.block_causal(9, 4))
+    want = block_causal_attention_reference(q, k, v, masks.block_causal(9, 4))  # strided inputs too
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    contiguous = block_causal_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                  masks.block_causal(9, 4))
+    torch.testing.assert_close(want, contiguous)
 
 
 @pytest.mark.parametrize("kind", ["full", "causal", "block_causal"])
@@ -176,13 +183,28 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         block_causal_attention(q, k, v, kind="block_causal", prompt_len=torch.tensor([1, 2]), block_size=2)
     with pytest.raises(ValueError, match="share one of"):
         block_causal_attention(q.double(), k.double(), v.double(), kind="full")
-    monkeypatch.setattr(block_attention, "interpreted", lambda: False)  # as on a CPU without interpreter
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after triton was first imported"):
-        block_causal_attention(q.cpu(), k.cpu(), v.cpu(), kind="full")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="needs a CUDA device, or the Triton CPU interpreter"):
-        block_causal_attention(q.cpu(), k.cpu(), v.cpu(), kind="full")
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        block_causal_attention(q, k, v, kind="full", block_m=8)
+
+
+@pytest.mark.parametrize("env,reason", [("1", "TRITON_INTERPRET=1 was set after triton was first imported"),
+                                        (None, "needs a CUDA device, or the Triton CPU interpreter")])
+def test_cpu_without_kernel_falls_back_to_the_reference(monkeypatch, env, reason):
+    """No interpreter on a CPU: warn once, saying why and what to do, and compute the reference."""
+    monkeypatch.setattr(block_attention, "interpreted", lambda: False)
+    monkeypatch.setattr(block_attention, "_warned", set())
+    if env is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", env)
+    q, k, v = make_qkv(2, 4, 2, 9, 30, 16, torch.float32, device="cpu")
+    out = torch.full_like(q, float("nan"))
+    with pytest.warns(RuntimeWarning, match=reason):
+        got = block_causal_attention(q, k, v, kind="block_causal", prompt_len=torch.tensor([10, 12]), block_size=4,
+                                     key_start=torch.tensor([3, 0]), q_offset=21, out=out)
+    pattern = masks.block_causal(torch.tensor([10, 12]), 4, left_pad_valid_cpu([3, 0], 30))
+    assert got is out
+    torch.testing.assert_close(got, block_causal_attention_reference(q, k, v, pattern, 21))
 
 
 @needs_kernel

@@ -234,6 +234,7 @@ def test_deepspeed_zero2_two_cpu_processes_loss_falls(work, tmp_path):
             p.data.zero_()  # the student at step 0
     kl_before = fixed_batch_kl(untrained, teacher, work / "data.jsonl")
     kl_after = fixed_batch_kl(student, teacher, work / "data.jsonl")
+    print(f"fixed-batch KL(teacher || student): step 0 {kl_before:.4f}, step 10 {kl_after:.4f}")
     assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
     # merged full weights = base + adapter
     merged = load_model(str(out / "merged"))
@@ -386,3 +387,30 @@ def test_shipped_configs_parse_and_follow_the_public_recipe(name):
         assert a["num_processes"] >= 2
         if "zero2" in acc:
             assert a["distributed_type"] == "DEEPSPEED" and a["deepspeed_config"]["zero_stage"] == 2
+
+
+def test_loss_on_eos_blocks_switch_drops_padding_blocks_from_the_loss():
+    from peft import LoraConfig, get_peft_model
+    from train.distill import NoiseSection, distill_step
+    peft_model = get_peft_model(load_model("tiny-llada"), LoraConfig(r=2, target_modules=["q_proj"]))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 1, 1, 1, 1, 1, 1, 1, 1]])  # prompt 2, blocks of 4: [2,6) [6,10) [10,14)
+    plen = torch.tensor([2])
+    counts = {}
+    for on in (True, False):
+        noise = NoiseSection(block_size=4, p_min=1.0, p_max=1.0, loss_on_eos_blocks=on)  # mask everything
+        parts = distill_step(peft_model, peft_model, ids, plen, noise, 127, 1, 0, torch.Generator().manual_seed(0))
+        counts[on] = parts["masked_tokens"].item()
+    assert counts == {True: 12.0, False: 4.0}  # only block 0 holds real answer tokens
+
+
+def test_checkpoint_listing_ignores_partial_saves_and_prunes_oldest(tmp_path):
+    from train.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints
+    for s in (2, 4, 10):
+        (tmp_path / f"checkpoint-{s}").mkdir()
+        (tmp_path / f"checkpoint-{s}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # no trainer_state.json: incomplete
+    (tmp_path / ".tmp-checkpoint-14").mkdir()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 10]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 10]
