@@ -149,10 +149,13 @@ def forward_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id:
     Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and p (B,).
     """
     B, L = input_ids.shape
-    t = torch.rand(B, generator=generator, device=input_ids.device)
+    dev = generator.device if generator is not None else input_ids.device
+    # drawn on the generator's device (CPU in the recipe), so runs on any device draw the same masks
+    t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
     p = (1 - eps) * t + eps  # (B,)
     answer = torch.arange(L, device=input_ids.device)[None] >= prompt_lens[:, None]  # (B, L)
-    masked = (torch.rand(B, L, generator=generator, device=input_ids.device) < p[:, None]) & answer
+    u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
+    masked = (u < p[:, None]) & answer
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy, masked, p
 
@@ -310,13 +313,32 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     return {"step": step, "losses": losses, "output_dir": str(out), "seconds": time.time() - t_start}
 
 
+def export_checkpoint(cfg: PretrainConfig, checkpoint: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Write the final-model files (config.json, model.safetensors, tokenizer, config.yaml) from a
+    training checkpoint, e.g. to ship a run that was stopped before max_steps."""
+    from d2f.data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
+    state = load_checkpoint(checkpoint, model)
+    out = Path(output_dir or cfg.output_dir)
+    save_pretrained(model, out, dtype=getattr(torch, cfg.save_dtype))
+    tokenizer.save_pretrained(str(out))
+    save_config(cfg, out / "config.yaml")
+    print(f"exported step {state['step']} of {checkpoint} to {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="YAML file (configs/testbed_teacher.yaml, ...)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.num_layers=4")
+    ap.add_argument("--export", metavar="CHECKPOINT", default=None,
+                    help="do not train: write the final-model files from this checkpoints/step-N directory")
     args = ap.parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.export:
+        return {"output_dir": str(export_checkpoint(cfg, args.export))}
     result = train(cfg)
     print(f"done: step {result['step']}, last loss {result['losses'][-1] if result['losses'] else float('nan'):.4f}, "
           f"{result['seconds']:.0f}s, model saved to {result['output_dir']}")

@@ -89,6 +89,8 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
     if cfg.tie_word_embeddings and cfg.arch == "dream":
         expected.pop("lm_head.weight", None)  # shares the embedding's storage
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        device = torch.device("cpu")  # accelerate names it "cpu:0" in multi-process runs; safetensors wants "cpu"
     state, seen_dtype = {}, None
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt", device=str(device)) as fh:

@@ -262,3 +262,9 @@ def test_random_init_norms_are_one_and_logits_nonzero(preset):
         if isinstance(m, RMSNorm):
             assert torch.equal(m.weight, torch.ones_like(m.weight)), name
     assert model(torch.randint(0, 120, (1, 6))).abs().max() > 0.01
+
+
+def test_load_onto_cpu_with_index(tmp_path):
+    """accelerate calls the CPU "cpu:0" in multi-process runs."""
+    load_model("tiny-llada").save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path, device="cpu:0").device == torch.device("cpu")

@@ -10,8 +10,8 @@ from d2f.config import ConfigError, load_config
 from d2f.data.gsm import make_problems
 from d2f.data.tokenizer import train_tokenizer
 from d2f.models import from_pretrained
-from train.pretrain import (PretrainConfig, causal_loss, causal_targets, collate, forward_process,
-                            llada_sft_loss, train)
+from train.pretrain import (PretrainConfig, causal_loss, causal_targets, collate, export_checkpoint,
+                            forward_process, llada_sft_loss, train)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,6 +133,12 @@ def test_kill_and_resume_is_exact(tok_dir, tmp_path, objective):
     with pytest.raises(Killed):
         train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10), on_step=kill_at_6)
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-4"]
+    # a stopped run can be shipped from its checkpoint
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-4"
+    export_checkpoint(tiny_cfg(tok_dir, tmp_path / "cut", objective), ckpt, tmp_path / "exported")
+    saved = torch.load(ckpt / "state.pt", weights_only=False)["model"]
+    exported = from_pretrained(tmp_path / "exported").state_dict()
+    assert all(torch.equal(saved[k], exported[k]) for k in saved)
 
     resumed = train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10))
     assert resumed["step"] == 10
