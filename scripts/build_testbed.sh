@@ -1,40 +1,41 @@
 #!/usr/bin/env bash
-# Rebuild the embedded testbed from scratch: tokenizer, dLLM teacher, AR baseline, their accuracies.
+# Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, their accuracies.
 #
-#   bash scripts/build_testbed.sh              # ~75 min on a 2-core CPU (both models train side by side)
-#   THREADS=4 bash scripts/build_testbed.sh    # threads per training process
+#   bash scripts/build_testbed.sh              # about an hour on a 2-core CPU
+#   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
-# Writes testbed/tokenizer, testbed/teacher, testbed/ar (config.json + model.safetensors + tokenizer) and
-# runs/testbed_eval_{teacher,ar}.json. Training runs go to runs/testbed_{teacher,ar} and resume from their
-# newest checkpoint if interrupted (resume=auto), so re-running this script continues where it stopped.
-# The model cards (testbed/*/README.md) are written by hand from the eval JSON and the training logs.
+# Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
+# init_from: testbed/ar), so the AR model is trained and exported first. Training runs go to
+# runs/testbed_{ar,teacher} and resume from their newest checkpoint when interrupted (resume=auto), so
+# re-running this script continues where it stopped. Extra arguments are key=value overrides for both runs.
+# The model cards (testbed/*/README.md) are kept; update their numbers from runs/testbed_eval_*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-THREADS=${THREADS:-1}
+THREADS=${THREADS:-2}
 mkdir -p runs/logs
+
+export_model() {  # runs/testbed_<role> -> testbed/<role> (weights, config, tokenizer; the card stays)
+  local role=$1 tmp="testbed/$1.tmp"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  cp runs/testbed_$role/{config.json,model.safetensors,config.yaml,tokenizer.json,tokenizer_config.json,chat_template.jinja} "$tmp/"
+  if [ -f "testbed/$role/README.md" ]; then cp "testbed/$role/README.md" "$tmp/"; fi
+  rm -rf "testbed/$role" && mv "$tmp" "testbed/$role"
+}
 
 echo "== tokenizer"
 $PY -m d2f.data.tokenizer --out testbed/tokenizer
 
-echo "== training teacher (llada_sft) and AR baseline (causal) side by side; logs in runs/logs/"
-$PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1 &
-T=$!
-$PY train/pretrain.py --config configs/testbed_ar.yaml num_threads="$THREADS" "$@" > runs/logs/ar.log 2>&1 &
-A=$!
-wait $T
-wait $A
+echo "== AR baseline (causal), log in runs/logs/ar.log"
+$PY train/pretrain.py --config configs/testbed_ar.yaml num_threads="$THREADS" "$@" > runs/logs/ar.log 2>&1
+export_model ar
 
-echo "== exporting to testbed/"
-for role in teacher ar; do
-  rm -rf "testbed/$role.tmp" && mkdir -p "testbed/$role.tmp"
-  cp runs/testbed_$role/{config.json,model.safetensors,config.yaml,tokenizer.json,tokenizer_config.json,chat_template.jinja} "testbed/$role.tmp/"
-  [ -f "testbed/$role/README.md" ] && cp "testbed/$role/README.md" "testbed/$role.tmp/"
-  rm -rf "testbed/$role" && mv "testbed/$role.tmp" "testbed/$role"
-done
+echo "== teacher (llada_sft, initialised from testbed/ar), log in runs/logs/teacher.log"
+$PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
+export_model teacher
 
-echo "== evaluating on the 500 held-out testbed problems"
-$PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 128 --block 32 --steps 128 \
-    --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher.json
+echo "== accuracy on the 500 held-out testbed problems"
 $PY scripts/eval_testbed.py --model testbed/ar --mode ar --gen 128 --limit 500 --threads "$THREADS" \
     | tee runs/testbed_eval_ar.json
+$PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 128 --block 32 --steps 128 \
+    --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher.json

@@ -43,7 +43,7 @@ def test_checkpoint_loads(role):
     assert (TESTBED / role / "README.md").is_file()
 
 
-def _solve(role: str, mode: str) -> str:
+def _solve(role: str, mode: str) -> tuple[str, dict]:
     from d2f.data.tokenizer import prompt_ids
     from infer.api import DecodeConfig, generate
     model = from_pretrained(TESTBED / role, dtype=torch.float32)

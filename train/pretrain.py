@@ -83,6 +83,7 @@ class PretrainConfig:
     resume: str = "auto"  # auto | none | path to a checkpoints/step-N directory
     save_dtype: str = "float32"  # dtype of the final model.safetensors
     time_limit_minutes: float = 0.0  # > 0: stop (with a checkpoint and a final save) after this long
+    init_from: str = ""  # start from these weights (a model dir or a checkpoints/step-N dir) instead of random init
 
     def validate(self):
         if self.objective not in OBJECTIVES:
@@ -212,6 +213,25 @@ def build_dataset(cfg: PretrainConfig, tokenizer):
                            cfg.data.answer_len)
 
 
+def init_weights(model, path: str | Path) -> None:
+    """Copy weights from a model directory (config.json + safetensors) or a training checkpoint into `model`.
+
+    Only tensors matter, not the attention flag: an AR baseline (is_causal) initialises a dLLM, the
+    AR-to-diffusion adaptation that Dream and DiffuLLaMA use to train dLLMs with less compute."""
+    from d2f.models import from_pretrained
+    p = Path(path)
+    if (p / "state.pt").is_file():
+        state = torch.load(p / "state.pt", map_location="cpu", weights_only=False)["model"]
+    else:
+        state = from_pretrained(p, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if bad or len(state) != len(own):
+        raise ValueError(f"init_from={str(path)!r} does not match the configured model: mismatched or missing "
+                         f"tensors {bad[:5]} (model has {len(own)} tensors, the source {len(state)})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
 def train(cfg: PretrainConfig, on_step=None) -> dict:
     """Run (or resume) training; returns {"step", "losses" (per step of this call), "output_dir", "seconds"}.
 
@@ -246,6 +266,9 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
 
     step, position = 0, 0
     ckpt = find_checkpoint(out, cfg.resume)
+    if ckpt is None and cfg.init_from:
+        init_weights(model, cfg.init_from)
+        accelerator.print(f"initialised the weights from {cfg.init_from}")
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, generators)
         step, position = state["step"], state["position"]

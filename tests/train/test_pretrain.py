@@ -86,7 +86,7 @@ def tiny_cfg(tok_dir, out, objective, **kw) -> PretrainConfig:
     overrides = [f"objective={objective}", f"output_dir={out}", f"tokenizer={tok_dir}", "model.hidden_size=32",
                  "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=64",
                  "data.num_problems=16", "data.answer_len=160", "batch_size=8", "lr=3e-3", "warmup_steps=2", "log_every=1",
-                 "save_every=4", "num_threads=1"] + [f"{k}={v}" for k, v in kw.items()]
+                 "save_every=4", "num_threads=1", "init_from="] + [f"{k}={v}" for k, v in kw.items()]
     return load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", overrides)
 
 
@@ -117,6 +117,26 @@ def test_loss_falls_and_model_saves(tok_dir, tmp_path, objective):
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "tokenizer.json").is_file()
     assert (tmp_path / "run" / "checkpoints" / "step-60" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events were written
+
+
+def test_init_from_an_ar_model(tok_dir, tmp_path):
+    """A dLLM run can start from AR weights (model dir or checkpoint); shapes must match."""
+    from d2f.data.tokenizer import load_tokenizer
+    from d2f.models import build_model
+    from train.pretrain import init_weights, model_config
+    train(tiny_cfg(tok_dir, tmp_path / "ar", "causal", max_steps=4))
+    cfg = tiny_cfg(tok_dir, tmp_path / "dllm", "llada_sft", max_steps=4)
+    model = build_model(model_config(cfg, load_tokenizer(tok_dir)), seed=1)
+    init_weights(model, tmp_path / "ar")
+    ar = from_pretrained(tmp_path / "ar").state_dict()
+    assert all(torch.equal(ar[k], v) for k, v in model.state_dict().items())
+    assert not model.config.is_causal
+    init_weights(model, tmp_path / "ar" / "checkpoints" / "step-4")  # a training checkpoint works too
+    bigger = tiny_cfg(tok_dir, tmp_path / "x", "llada_sft", **{"model.hidden_size": 64})
+    with pytest.raises(ValueError, match="does not match"):
+        init_weights(build_model(model_config(bigger, load_tokenizer(tok_dir))), tmp_path / "ar")
+    res = train(tiny_cfg(tok_dir, tmp_path / "dllm", "llada_sft", max_steps=4, init_from=tmp_path / "ar"))
+    assert res["step"] == 4
 
 
 class Killed(Exception):
