@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, their accuracies.
+# Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, D2F student, accuracies.
 #
 #   bash scripts/build_testbed.sh              # about an hour on a 2-core CPU
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
@@ -33,6 +33,18 @@ export_model ar
 echo "== teacher (llada_sft, initialised from testbed/ar), log in runs/logs/teacher.log"
 $PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
 export_model teacher
+
+echo "== D2F student: teacher answers for train problems, then distillation (configs/d2f_tiny.yaml)"
+$PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \
+    --n "${DISTILL_N:-400}" --mode fast-dllm --max-new-tokens 128 --block-size 32 --batch-size 100 \
+    --out data/distill/testbed_train.jsonl
+rm -rf runs/d2f_tiny
+$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny > runs/logs/distill.log 2>&1
+rm -rf testbed/student.tmp && mkdir -p testbed/student.tmp
+cp runs/d2f_tiny/adapter/{adapter_config.json,adapter_model.safetensors} testbed/student.tmp/
+cp runs/d2f_tiny/config.yaml testbed/student.tmp/distill_config.yaml
+if [ -f testbed/student/README.md ]; then cp testbed/student/README.md testbed/student.tmp/; fi
+rm -rf testbed/student && mv testbed/student.tmp testbed/student
 
 echo "== accuracy on the 500 held-out testbed problems"
 $PY scripts/eval_testbed.py --model testbed/ar --mode ar --gen 128 --limit 500 --threads "$THREADS" \
