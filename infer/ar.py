@@ -18,7 +18,7 @@ from torch import Tensor
 
 from d2f.cache import KVCache
 from d2f.masks import causal
-from infer.batch import Batch
+from infer.batch import Batch, drop_finished
 from infer.sampling import predict
 from infer.steps import StepLog
 
@@ -64,12 +64,9 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
         if not active.any():
             break
         if compact and not active.all():
-            orig.x[rows[~active]] = batch.x[~active]
-            keep = active.nonzero()[:, 0]
-            batch, rows, active = batch.select(keep), rows[keep], active[keep]
+            batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
+            active = active[keep]
             pattern = causal(batch.key_valid)
-            if cache is not None:
-                cache.select(keep)
     if batch is not orig:
         orig.x[rows] = batch.x
 
@@ -93,9 +90,8 @@ def decode_hf(model, batch: Batch, cfg, log: StepLog, generator, use_cache: bool
             break
         # drop finished samples where the HF cache can follow (DynamicCache.batch_select_indices)
         if compact and not active.all() and (past is None or hasattr(past, "batch_select_indices")):
-            orig.x[rows[~active]] = batch.x[~active]
-            keep = active.nonzero()[:, 0]
-            batch, rows, active, attn = batch.select(keep), rows[keep], active[keep], attn[keep]
+            batch, rows, keep = drop_finished(orig, batch, rows, active, None)
+            active, attn = active[keep], attn[keep]
             if past is not None:
                 past.batch_select_indices(keep)
     if batch is not orig:

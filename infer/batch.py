@@ -98,3 +98,16 @@ def cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
     if eos_id is not None and eos_id in tokens:
         return tokens[: tokens.index(eos_id) + 1]
     return tokens
+
+
+def drop_finished(orig: Batch, batch: Batch, rows: Tensor, active: Tensor, cache) -> tuple[Batch, Tensor, Tensor]:
+    """Write the finished rows of `batch` back to `orig` and keep only the active ones, in the batch
+    and in the cache, so later forwards pay only for the samples still decoding.
+
+    rows: the original index of each row of `batch`. Returns (batch, rows, keep), where `keep`
+    indexes the kept rows (for the decoder's own per-row state)."""
+    orig.x[rows[~active]] = batch.x[~active]
+    keep = active.nonzero()[:, 0]
+    if cache is not None:
+        cache.select(keep)
+    return batch.select(keep), rows[keep], keep

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from d2f.cache import KVCache
 from d2f.masks import block_causal
-from infer.batch import Batch, answer_done, forward_logits
+from infer.batch import Batch, answer_done, drop_finished, forward_logits
 from infer.sampling import commit_threshold, predict
 from infer.steps import StepLog
 
@@ -120,14 +120,10 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
         log(batch.answer(), active, committed, info, (start, hi), rows)
         active = active & ~answer_done(batch.answer(), mask_id, eos_id)
         if compact and active.any() and not active.all():
-            orig.x[rows[~active]] = batch.x[~active]
-            keep = active.nonzero()[:, 0]
-            batch, rows = batch.select(keep), rows[keep]
+            batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
             pattern = block_causal(P, Bs, batch.key_valid)
             added, full_act, finished, exact_end, active = (t[keep] for t in (added, full_act, finished, exact_end,
                                                                                active))
-            if cache is not None:
-                cache.select(keep)
             B = len(keep)
     if batch is not orig:
         orig.x[rows] = batch.x

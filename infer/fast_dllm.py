@@ -22,7 +22,7 @@ import torch
 
 from d2f.cache import KVCache
 from d2f.masks import full
-from infer.batch import Batch, answer_done, forward_logits
+from infer.batch import Batch, answer_done, drop_finished, forward_logits
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog
 
@@ -84,12 +84,9 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
         if not active.any():
             break
         if compact and not active.all():
-            orig.x[rows[~active]] = batch.x[~active]
-            keep = active.nonzero()[:, 0]
-            batch, rows, active = batch.select(keep), rows[keep], active[keep]
+            batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
+            active = active[keep]
             pattern = full(batch.key_valid) if batch.key_valid is not None else None
-            if cache is not None:
-                cache.select(keep)
             B = len(keep)
     if batch is not orig:
         orig.x[rows] = batch.x
