@@ -320,10 +320,8 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
 
 def format_prompt(tokenizer, text: str, chat: bool = True) -> str:
     """The user's text wrapped in the tokenizer's chat template (when it has one and chat=True)."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text
+    from d2f.data.tokenizer import chat_text
+    return chat_text(tokenizer, text, chat)
 
 
 def config_dict(cfg: DecodeConfig) -> dict:

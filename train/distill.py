@@ -248,10 +248,8 @@ def load_tokenizer(name: str):
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from d2f.data.tokenizer import chat_text
+    return tokenizer(chat_text(tokenizer, text, chat_template), add_special_tokens=False)["input_ids"]
 
 
 def tokenize(records, pf: str, af: str, tokenizer, chat_template: bool, answer_end: str | None):

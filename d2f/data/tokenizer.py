@@ -81,11 +81,19 @@ def build_testbed_tokenizer(out_dir: str | Path | None = None, n_problems: int =
     return tok
 
 
+def chat_text(tokenizer, text: str, chat: bool = True) -> str:
+    """`text` as the user's turn of the tokenizer's chat template, ending with the generation prompt
+    (when the tokenizer has a template and chat=True); else `text` unchanged. The one place prompts
+    are chat-formatted: decoding, evaluation and distillation data all go through it."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
 def prompt_ids(tokenizer, question: str) -> list[int]:
     """Token ids of the chat-formatted question, ending with the assistant marker (the generation prompt)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(chat_text(tokenizer, question), add_special_tokens=False)["input_ids"]
 
 
 if __name__ == "__main__":
