@@ -48,24 +48,15 @@ def evaluate(model, tokenizer, problems: list[dict], mode: str, gen: int, block:
     return summary, records
 
 
-def load_model(path: str, tokenizer_path: str):
-    """A model directory (config.json + safetensors) or a training checkpoint (checkpoints/step-N)."""
-    p = Path(path)
-    if (p / "state.pt").is_file():  # an intermediate checkpoint of train/pretrain.py
-        from d2f.config import load_config
-        from d2f.models import build_model
-        from train.pretrain import PretrainConfig, model_config
-        cfg = load_config(PretrainConfig, p / "config.yaml")
-        model = build_model(model_config(cfg, load_tokenizer(tokenizer_path)))
-        model.load_state_dict(torch.load(p / "state.pt", map_location="cpu", weights_only=False)["model"])
-        return model.eval()
+def load_model(path: str):
+    """A model directory (config.json + safetensors); train/pretrain.py's checkpoint-<step> directories are ones."""
     return from_pretrained(path, dtype=torch.float32)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model directory (testbed/teacher, testbed/ar, runs/...) "
-                    "or a training checkpoint (runs/testbed_teacher/checkpoints/step-N)")
+                    "or a training checkpoint (runs/testbed_teacher/checkpoint-<step>)")
     ap.add_argument("--tokenizer", default=None, help="default: the model directory if it has one, else testbed/tokenizer")
     ap.add_argument("--mode", default=None, choices=["vanilla", "ar"], help="default: ar for causal models, else vanilla")
     ap.add_argument("--source", default="testbed", help="testbed | real100 | hub | path (d2f.data.gsm8k.load_gsm8k)")
@@ -82,7 +73,7 @@ def main(argv=None) -> dict:
     tok_path = a.tokenizer or (a.model if (Path(a.model) / "tokenizer.json").is_file()
                                else str(Path(__file__).resolve().parents[1] / "testbed" / "tokenizer"))
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(a.model, tok_path)
+    model = load_model(a.model)
     mode = a.mode or ("ar" if model.config.is_causal else "vanilla")
     problems = load_gsm8k(a.source, "test", a.limit)
     summary, records = evaluate(model, tokenizer, problems, mode, a.gen, a.block, a.steps, a.batch_size)

@@ -7,6 +7,8 @@ continue a run bit-for-bit:
     optimizer.pt       optimizer state        (plain / DDP runs; DeepSpeed: its own files)
     scheduler.pt       LR scheduler state     (plain / DDP runs; DeepSpeed: scheduler.bin)
     rng_state_<r>.pt   python / numpy / torch / cuda RNG of rank r (DeepSpeed: random_states_<r>.pkl)
+    generators_<r>.pt  the states of the recipe's own torch.Generators on rank r (e.g. the one that
+                       draws diffusion masks), when it passes any
     trainer_state.json step, data position, ... (the recipe decides); written last
     config.yaml        the resolved config of the run
 
@@ -81,6 +83,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def resume_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint a run continues from: resume="auto" (the newest complete one under output_dir, or
+    None for a fresh start), "none" (a fresh start, refused if output_dir already holds checkpoints, so
+    nothing is overwritten by accident), or the path of a checkpoint directory."""
+    from d2f.config import ConfigError
+    if resume == "none":
+        if latest_checkpoint(output_dir) is not None:
+            raise ConfigError(f"output_dir {str(output_dir)!r} already holds checkpoints and resume=none: pass "
+                              "resume=auto to continue that run, or choose a new output_dir")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    if not (Path(resume) / STATE_NAME).is_file():
+        raise ConfigError(f"resume={resume!r} is not a complete checkpoint directory (no {STATE_NAME}); pass "
+                          "resume=auto, resume=none or an <output_dir>/checkpoint-<step> directory")
+    return Path(resume)
+
+
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (keep_last <= 0 keeps everything)."""
     if keep_last <= 0:
@@ -99,12 +119,14 @@ def write_json_atomic(path: str | Path, obj) -> None:
 # ---- save / load ----------------------------------------------------------------------------
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_model: Callable[[Path], None],
-                    optimizer, scheduler, trainer_state: dict, config=None, keep_last: int = 0) -> Path:
+                    optimizer, scheduler, trainer_state: dict, config=None, keep_last: int = 0,
+                    generators: dict[str, torch.Generator] | None = None) -> Path:
     """Write `<output_dir>/checkpoint-<step>` atomically; call on every rank (it synchronises).
 
     save_model(dir) is called on the main process only and writes the model files (e.g.
     `peft_model.save_pretrained(dir)`); with DeepSpeed the trainable weights are also inside the
-    engine's own files, which is what `load_checkpoint` restores.
+    engine's own files, which is what `load_checkpoint` restores. `generators` are this rank's own
+    torch.Generators (each rank saves its own).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -121,6 +143,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_mode
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if generators:
+        torch.save({k: g.get_state() for k, g in generators.items()}, tmp / f"generators_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_model(tmp)
         if config is not None:
@@ -138,7 +162,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_mode
 
 
 def load_checkpoint(accelerator, ckpt_dir: str | Path, *, load_model: Callable[[Path], None],
-                    optimizer, scheduler) -> dict:
+                    optimizer, scheduler, generators: dict[str, torch.Generator] | None = None) -> dict:
     """Restore a checkpoint written by `save_checkpoint` (after `accelerator.prepare`); returns
     its trainer_state. Call on every rank."""
     ckpt_dir = Path(ckpt_dir)
@@ -155,4 +179,13 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, *, load_model: Callable[[
             raise FileNotFoundError(f"{str(rng_file)!r} is missing: the checkpoint was written by a run with "
                                     "fewer processes; resume with the same number of processes")
         set_rng_state(torch.load(rng_file, weights_only=False))
+    if generators:
+        gen_file = ckpt_dir / f"generators_{accelerator.process_index}.pt"
+        saved = torch.load(gen_file, weights_only=False) if gen_file.is_file() else {}
+        missing = sorted(set(generators) - set(saved))
+        if missing:
+            raise FileNotFoundError(f"{str(gen_file)!r} holds no state for the generator(s) {missing}: the checkpoint "
+                                    "was written by a different recipe or number of processes")
+        for k, g in generators.items():
+            g.set_state(saved[k])
     return json.loads((ckpt_dir / STATE_NAME).read_text())

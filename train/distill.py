@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from d2f import masks  # noqa: E402
 from d2f.config import ConfigError, load_config, save_config  # noqa: E402
 from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
 from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint  # noqa: E402
 
 # LoRA targets of the public D2F recipe: the attention projections, by our (= the public
 # checkpoints') module names.
@@ -420,18 +419,7 @@ def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
 
 def find_resume_checkpoint(cfg: DistillConfig) -> Path | None:
     """The checkpoint to continue from (None = fresh start), checked against this config."""
-    out_dir = Path(cfg.output_dir)
-    if cfg.resume == "none":
-        if latest_checkpoint(out_dir) is not None:
-            raise ConfigError(f"output_dir {str(out_dir)!r} already holds checkpoints and resume=none: pass "
-                              "resume=auto to continue that run, or choose a new output_dir")
-        return None
-    if cfg.resume == "auto":
-        ckpt = latest_checkpoint(out_dir)
-    else:
-        ckpt = Path(cfg.resume)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise ConfigError(f"resume={cfg.resume!r} is not a complete checkpoint directory (no trainer_state.json)")
+    ckpt = resume_checkpoint(cfg.output_dir, cfg.resume)
     if ckpt is not None:
         check_resume_config(cfg, ckpt)
     return ckpt
@@ -488,19 +476,8 @@ def main(argv=None) -> dict:
     ids_all, plen_all, dropped = build_sequences(pairs, cfg.data.max_length, cfg.noise.block_size, mcfg.eos_token_id)
 
     # ---- 2. processes, model, optimizer ------------------------------------------------------
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-    # Several processes without GPUs: gloo instead of nccl, and (except under DeepSpeed, which
-    # sets up its own process group) accelerate must be told it is on the CPU, or it silently
-    # runs the processes side by side without synchronising them. One plain process: no backend.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu_multi = distributed and not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=cpu_multi and not deepspeed,
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_multi else [])
-    if distributed and accelerator.distributed_type.value == "NO":
-        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up no distributed "
-                           "backend; check the accelerate config (see configs/accelerate/)")
+    from train.accelerator import make_accelerator
+    accelerator = make_accelerator(gradient_accumulation_steps=cfg.grad_accum)  # 1 process, DDP or DeepSpeed
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     n_seq = ids_all.shape[0]
     if n_seq < cfg.batch_size * world:

@@ -11,15 +11,22 @@ Objectives
 - `llada_sft` (LLaDA's SFT recipe): the prompt is never masked; every answer token (EOS padding included,
   so the model learns where to stop) is replaced by [MASK] with probability p = (1 - eps) * t + eps,
   t ~ U(0, 1) per sample; the loss is the cross-entropy on masked tokens weighted 1 / p, divided by the
-  sample's answer length and averaged over the batch. Full attention.
+  sample's answer length and averaged over the batch. Full attention. `semi_ar_prob` > 0 noises that
+  fraction of the samples as block-wise decoding sees an answer (clean before a random cut, a window masked
+  at ratio p, everything after it masked; see `forward_process` for why the testbed teacher needs it).
 - `causal`: next-token cross-entropy on the answer tokens up to and including the first EOS, for the
   same-architecture AR baseline (`is_causal: true` goes into its config.json).
 
-Resuming (`resume=auto`, the default) restores model, optimizer, scheduler, every RNG state and the
-data position from the newest checkpoint, so the resumed run continues with the same losses.
+Checkpoints (`<output_dir>/checkpoint-<step>/`, written atomically by train/checkpoint.py, the same
+format as train/distill.py's) hold the model in the final layout (config.json + model.safetensors, so a
+checkpoint is itself a loadable model directory), the optimizer, the scheduler, every process's RNG states
+(its mask generator included) and the data position. Resuming (`resume=auto`, the default) restores all of
+it from the newest one, so the resumed run continues with the same losses.
 """
 from __future__ import annotations
 
+import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from d2f.config import load_config, save_config  # noqa: E402
 from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
-from train.common import (TBLogger, cosine_with_warmup, find_checkpoint, load_checkpoint,  # noqa: E402
-                          save_checkpoint, seed_everything)
+from train.accelerator import make_accelerator  # noqa: E402
+from train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint  # noqa: E402
 
 OBJECTIVES = ("llada_sft", "causal")
 
@@ -74,16 +81,18 @@ class PretrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mask_eps: float = 1e-3  # llada_sft: minimum masking probability
+    semi_ar_prob: float = 0.0  # llada_sft: fraction of samples masked as block-wise decoding sees them (forward_process)
+    semi_ar_window: int = 32  # llada_sft: tokens after the cut masked with probability p (the decoding block)
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
     log_every: int = 10
     save_every: int = 200
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | none | path to a checkpoints/step-N directory
+    resume: str = "auto"  # auto | none | path to a checkpoint-<step> directory
     save_dtype: str = "float32"  # dtype of the final model.safetensors
     time_limit_minutes: float = 0.0  # > 0: stop (with a checkpoint and a final save) after this long
-    init_from: str = ""  # start from these weights (a model dir or a checkpoints/step-N dir) instead of random init
+    init_from: str = ""  # start from these weights (a model dir or a checkpoint-<step> dir) instead of random init
 
     def validate(self):
         if self.objective not in OBJECTIVES:
@@ -92,6 +101,10 @@ class PretrainConfig:
             raise ValueError(f"save_dtype {self.save_dtype!r} must be 'float32' or 'bfloat16'")
         if not 0 < self.mask_eps < 1:
             raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
+        if not 0 <= self.semi_ar_prob <= 1:
+            raise ValueError(f"semi_ar_prob must be in [0, 1], got {self.semi_ar_prob}")
+        if self.semi_ar_window <= 0:
+            raise ValueError(f"semi_ar_window must be > 0, got {self.semi_ar_window}")
         for name in ("batch_size", "max_steps", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -144,29 +157,53 @@ class EpochPermutations:
 # ---- objectives --------------------------------------------------------------------------------
 
 def forward_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float,
-                    generator: torch.Generator | None = None):
+                    generator: torch.Generator | None = None, semi_ar_prob: float = 0.0, semi_ar_window: int = 32):
     """LLaDA SFT noising: mask each answer token with probability p = (1-eps) t + eps, t ~ U(0,1) per sample.
 
-    Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and p (B,).
+    With semi_ar_prob > 0, that fraction of the samples is noised the way semi-autoregressive decoding
+    sees an answer instead: a cut c is drawn uniformly over the answer; tokens before c are clean, tokens
+    in [c, c + semi_ar_window) are masked with probability p, and every token after that is masked.
+    Why: under uniform masking an arithmetic result can nearly always be copied from one of its later
+    occurrences (GSM8K writes `<<a*b=c>>c` and reuses c), so a small model learns to copy instead of
+    computing, and then fails when block-wise decoding reaches the first occurrence with everything
+    after it still masked (measured on the testbed: 60/60 first results right with the copies visible,
+    3/60 with the suffix masked). Samples that use it are drawn with extra random numbers, so
+    semi_ar_prob = 0 keeps the plain LLaDA stream.
+
+    Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and each position's masking
+    probability (B, L) (the 1/p loss weight; 1 for the fully masked suffix).
     """
     B, L = input_ids.shape
     dev = generator.device if generator is not None else input_ids.device
     # drawn on the generator's device (CPU in the recipe), so runs on any device draw the same masks
     t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
-    p = (1 - eps) * t + eps  # (B,)
-    answer = torch.arange(L, device=input_ids.device)[None] >= prompt_lens[:, None]  # (B, L)
+    p = ((1 - eps) * t + eps)[:, None].expand(B, L)  # (B, L)
+    pos = torch.arange(L, device=input_ids.device)[None]  # (1, L)
+    answer = pos >= prompt_lens[:, None]  # (B, L)
     u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
-    masked = (u < p[:, None]) & answer
+    masked = (u < p) & answer
+    if semi_ar_prob > 0:
+        semi = (torch.rand(B, generator=generator, device=dev) < semi_ar_prob).to(input_ids.device)  # (B,)
+        frac = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
+        cut = prompt_lens + (frac * (L - prompt_lens)).long()  # (B,) first noisy position
+        window_end = (cut + semi_ar_window)[:, None]
+        suffix = pos >= window_end  # (B, L)
+        semi_masked = answer & (pos >= cut[:, None]) & ((u < p) | suffix)
+        masked = torch.where(semi[:, None], semi_masked, masked)
+        p = torch.where(semi[:, None] & suffix, torch.ones_like(p), p)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy, masked, p
 
 
 def llada_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
                    prompt_lens: torch.Tensor) -> torch.Tensor:
-    """sum over masked tokens of CE / (p * answer_len), divided by the batch size (LLaDA SFT)."""
+    """sum over masked tokens of CE / (p * answer_len), divided by the batch size (LLaDA SFT).
+
+    p: each sample's masking probability (B,), or each position's (B, L)."""
     B, L = input_ids.shape
     answer_len = (L - prompt_lens).float()  # (B,) answer + EOS padding
-    weight = 1.0 / (p[:, None] * answer_len[:, None]).expand(B, L)  # (B, L)
+    p = p[:, None].expand(B, L) if p.dim() == 1 else p
+    weight = 1.0 / (p * answer_len[:, None])  # (B, L)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (M,)
     return (ce * weight[masked]).sum() / B
 
@@ -190,7 +227,8 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator) -> torch.Tensor:
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
-        noisy, masked, p = forward_process(input_ids, prompt_lens, mcfg.mask_token_id, cfg.mask_eps, generator)
+        noisy, masked, p = forward_process(input_ids, prompt_lens, mcfg.mask_token_id, cfg.mask_eps, generator,
+                                           cfg.semi_ar_prob, cfg.semi_ar_window)
         return llada_sft_loss(model(noisy), input_ids, masked, p, prompt_lens)
     labels = causal_targets(input_ids, prompt_lens, mcfg.eos_token_id)
     return causal_loss(model(input_ids), labels)
@@ -214,16 +252,13 @@ def build_dataset(cfg: PretrainConfig, tokenizer):
 
 
 def init_weights(model, path: str | Path) -> None:
-    """Copy weights from a model directory (config.json + safetensors) or a training checkpoint into `model`.
+    """Copy weights from a model directory (config.json + safetensors; a checkpoint-<step> directory is one)
+    into `model`.
 
     Only tensors matter, not the attention flag: an AR baseline (is_causal) initialises a dLLM, the
     AR-to-diffusion adaptation that Dream and DiffuLLaMA use to train dLLMs with less compute."""
     from d2f.models import from_pretrained
-    p = Path(path)
-    if (p / "state.pt").is_file():
-        state = torch.load(p / "state.pt", map_location="cpu", weights_only=False)["model"]
-    else:
-        state = from_pretrained(p, dtype=torch.float32).state_dict()
+    state = from_pretrained(Path(path), dtype=torch.float32).state_dict()
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if bad or len(state) != len(own):
@@ -232,13 +267,28 @@ def init_weights(model, path: str | Path) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
+def load_weights(model, path: str | Path) -> None:
+    """Strictly load a checkpoint's weights into `model` (exact resume: checkpoints are saved in fp32)."""
+    from d2f.models import from_pretrained
+    model.load_state_dict(from_pretrained(Path(path), dtype=torch.float32).state_dict(), strict=True)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """Linear warmup to the base lr, then cosine decay to min_ratio * base lr at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(cfg: PretrainConfig, on_step=None) -> dict:
     """Run (or resume) training; returns {"step", "losses" (per step of this call), "output_dir", "seconds"}.
 
     on_step(step, loss), if given, is called after every step (and its checkpoint); tests use it to
     interrupt a run at a chosen step.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from d2f.data.tokenizer import load_tokenizer
@@ -246,10 +296,12 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     cfg.validate()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision)  # 1 process or DDP (CPU: gloo)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = build_dataset(cfg, tokenizer)
@@ -265,16 +317,17 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     generators = {"mask": torch.Generator().manual_seed(cfg.seed * 1000 + rank)}
 
     step, position = 0, 0
-    ckpt = find_checkpoint(out, cfg.resume)
+    ckpt = resume_checkpoint(out, cfg.resume)
     if ckpt is None and cfg.init_from:
         init_weights(model, cfg.init_from)
         accelerator.print(f"initialised the weights from {cfg.init_from}")
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, generators)
-        step, position = state["step"], state["position"]
-        accelerator.print(f"resumed from {ckpt} at step {step}")
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt, load_model=lambda d: load_weights(raw, d), optimizer=optimizer,
+                                scheduler=scheduler, generators=generators)
+        step, position = state["step"], state["position"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -282,14 +335,16 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         n_params = sum(p.numel() for p in raw.parameters())
         accelerator.print(f"{cfg.objective}: {n_params / 1e6:.2f}M parameters, {len(data)} problems, "
                           f"{world} process(es) x batch {cfg.batch_size}")
-    logger = TBLogger(out, enabled=accelerator.is_main_process)
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"))
     global_batch = cfg.batch_size * world
 
-    def checkpoint():
-        if accelerator.is_main_process:
-            save_checkpoint(out, step, raw, optimizer, scheduler, {"position": position}, generators,
-                            config=cfg, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+    def checkpoint():  # every rank: each saves its own RNG and mask-generator states
+        save_checkpoint(accelerator, out, step, save_model=lambda d: save_pretrained(raw, d, dtype=torch.float32),
+                        optimizer=optimizer, scheduler=scheduler, trainer_state={"position": position},
+                        config=cfg, keep_last=cfg.keep_checkpoints, generators=generators)
 
     losses, t_start, t_log, tokens = [], time.time(), time.time(), 0
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.objective)
@@ -314,7 +369,9 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
             dt = time.time() - t_log
             scalars = {"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens / max(dt, 1e-9)}
-            logger.log(scalars, step)
+            if writer is not None:
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, step)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
             t_log, tokens = time.time(), 0
         out_of_time = cfg.time_limit_minutes > 0 and time.time() - t_start > 60 * cfg.time_limit_minutes
@@ -326,7 +383,8 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
             accelerator.print(f"time_limit_minutes={cfg.time_limit_minutes} reached at step {step}; stopping")
             break
     bar.close()
-    logger.close()
+    if writer is not None:
+        writer.close()
 
     if accelerator.is_main_process:
         save_pretrained(raw, out, dtype=getattr(torch, cfg.save_dtype))
@@ -337,17 +395,22 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
 
 
 def export_checkpoint(cfg: PretrainConfig, checkpoint: str | Path, output_dir: str | Path | None = None) -> Path:
-    """Write the final-model files (config.json, model.safetensors, tokenizer, config.yaml) from a
-    training checkpoint, e.g. to ship a run that was stopped before max_steps."""
+    """Write the final-model files (config.json, model.safetensors in save_dtype, tokenizer, config.yaml)
+    from a training checkpoint, e.g. to ship a run that was stopped before max_steps."""
+    import json
     from d2f.data.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
-    state = load_checkpoint(checkpoint, model)
+    from d2f.models import from_pretrained
+    from train.checkpoint import STATE_NAME
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / STATE_NAME).is_file():
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint-<step> directory (no {STATE_NAME})")
+    model = from_pretrained(checkpoint, dtype=torch.float32)
     out = Path(output_dir or cfg.output_dir)
     save_pretrained(model, out, dtype=getattr(torch, cfg.save_dtype))
-    tokenizer.save_pretrained(str(out))
+    load_tokenizer(cfg.tokenizer).save_pretrained(str(out))
     save_config(cfg, out / "config.yaml")
-    print(f"exported step {state['step']} of {checkpoint} to {out}")
+    step = json.loads((checkpoint / STATE_NAME).read_text())["step"]
+    print(f"exported step {step} of {checkpoint} to {out}")
     return out
 
 
@@ -357,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", required=True, help="YAML file (configs/testbed_teacher.yaml, ...)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.num_layers=4")
     ap.add_argument("--export", metavar="CHECKPOINT", default=None,
-                    help="do not train: write the final-model files from this checkpoints/step-N directory")
+                    help="do not train: write the final-model files from this checkpoint-<step> directory")
     args = ap.parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.export:

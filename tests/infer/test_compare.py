@@ -168,6 +168,33 @@ def test_default_config_parses_into_the_documented_rows():
     assert cc.baseline == "teacher-vanilla"
 
 
+@pytest.mark.parametrize("name, rows, d2f_block, tau_add", [
+    ("compare_llada.yaml", ["llada-vanilla", "llada-fast-dllm-prefix", "llada-fast-dllm-dual", "llada-d2f",
+                            "qwen2.5-7b-ar"], 64, 0.7),
+    ("compare_dream.yaml", ["dream-vanilla", "dream-fast-dllm-dual", "dream-d2f", "dream-d2f-sweep[tau_conf+tau_act=0.95]",
+                            "dream-d2f-sweep[tau_conf+tau_act=0.9]", "dream-d2f-sweep[tau_conf+tau_act=0.85]",
+                            "llama3-8b-ar"], 32, 0.1),
+])
+def test_gpu_configs_parse_into_the_public_settings(name, rows, d2f_block, tau_add):
+    """The shipped 8B/7B configs validate offline (no weights needed) and carry DESIGN.md §3's settings."""
+    cc = C.load_config(C.CompareConfig, C.REPO_ROOT / "configs" / name)
+    expanded = C.expand_rows(cc.configs)
+    assert [r.name for r in expanded] == rows
+    assert (cc.data, cc.device, cc.dtype, cc.chat, cc.limit) == ("hub", "cuda", "bfloat16", "off", None)
+    assert cc.baseline == rows[0]
+    gen = expanded[0].decode.max_new_tokens
+    for r in expanded:
+        assert r.decode.max_new_tokens == gen and "/" in r.model  # hub ids, one answer budget per file
+        if r.decode.mode == "vanilla":
+            assert (r.decode.block_size, r.decode.steps) == (32, gen)
+        if r.decode.mode == "fast-dllm":
+            assert (r.decode.block_size, r.decode.rule, r.decode.threshold) == (32, "threshold", 0.9)
+        if r.decode.mode == "d2f":
+            assert r.adapter.startswith("SJTU-Deng-Lab/D2F_")
+            assert (r.decode.block_size, r.decode.tau_add) == (d2f_block, tau_add)
+    assert {r.decode.mode for r in expanded} == {"vanilla", "fast-dllm", "d2f", "ar"}
+
+
 def test_student_missing_from_the_testbed_is_skipped(tiny_setup, monkeypatch, capsys):
     root, _ = tiny_setup
     teacher = str(root / "teacher")

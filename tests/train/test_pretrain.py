@@ -47,10 +47,57 @@ def test_forward_process_never_masks_the_prompt():
     pos = torch.arange(40)[None]
     assert not masked[pos < prompt_lens[:, None]].any()
     assert torch.equal(noisy[~masked], ids[~masked]) and (noisy[masked] == 2).all()
-    assert ((p >= 1e-3) & (p <= 1)).all()
+    assert ((p >= 1e-3) & (p <= 1)).all() and (p == p[:, :1]).all()  # one ratio per sample
     # the masked share of each answer follows its p
     share = masked.sum(1).float() / (40 - prompt_lens).float()
-    assert torch.corrcoef(torch.stack([share, p]))[0, 1] > 0.8
+    assert torch.corrcoef(torch.stack([share, p[:, 0]]))[0, 1] > 0.8
+    # the plain LLaDA stream: t ~ U(0,1) per sample, then one uniform per position
+    g = torch.Generator().manual_seed(0)
+    torch.randint(3, 50, (64, 40)), torch.randint(5, 20, (64,))  # (the draws above came from the global RNG)
+    g2 = torch.Generator().manual_seed(0)
+    t, u = torch.rand(64, generator=g2), torch.rand(64, 40, generator=g2)
+    _, masked0, _ = forward_process(ids, prompt_lens, mask_id=2, eps=1e-3, generator=g, semi_ar_prob=0.0)
+    assert torch.equal(masked0, (u < ((1 - 1e-3) * t + 1e-3)[:, None]) & (pos >= prompt_lens[:, None]))
+
+
+def test_semi_ar_noise_is_clean_before_the_cut_and_masked_after_the_window():
+    g = torch.Generator().manual_seed(1)
+    B, L, W = 4000, 60, 8
+    ids = torch.randint(3, 50, (B, L))
+    prompt_lens = torch.randint(5, 20, (B,))
+    noisy, masked, p = forward_process(ids, prompt_lens, mask_id=2, eps=1e-3, generator=g,
+                                       semi_ar_prob=0.5, semi_ar_window=W)
+    pos = torch.arange(L)[None]
+    assert not masked[pos < prompt_lens[:, None]].any() and torch.equal(noisy == 2, masked)
+    # a semi-AR sample: some p == 1 positions (its fully masked suffix), all masked, all after the window
+    suffix = p == 1.0
+    semi = suffix.any(1)
+    assert 0.4 < semi.float().mean() < 0.6
+    assert masked[suffix].all()
+    first_suffix = torch.where(semi, suffix.float().argmax(1), torch.full((B,), L))
+    cut = first_suffix - W  # where the window starts: before it everything is clean
+    for b in torch.nonzero(semi).flatten()[:200].tolist():
+        start = max(int(cut[b]), int(prompt_lens[b]))
+        assert not masked[b, :start].any()
+        assert (p[b, start:first_suffix[b]] == p[b, start]).all() and p[b, start] < 1
+    # inside the windows the mask rate follows the drawn ratio (expected count vs observed count)
+    window = (~suffix) & semi[:, None] & (pos >= cut[:, None]) & (pos >= prompt_lens[:, None])
+    expected, observed = float(p[window].sum()), float(masked[window].sum())
+    assert abs(observed - expected) < 4 * expected ** 0.5 + 1
+    # plain samples keep the uniform LLaDA masking over the whole answer
+    plain_share = masked[~semi].sum(1).float() / (L - prompt_lens[~semi]).float()
+    assert torch.corrcoef(torch.stack([plain_share, p[~semi, 0]]))[0, 1] > 0.8
+
+
+def test_llada_sft_loss_with_per_position_ratios():
+    """The semi-AR suffix is weighted 1 (p = 1) and the window 1/p, as per-position ratios say."""
+    torch.manual_seed(0)
+    logits, ids = torch.randn(1, 6, 9), torch.randint(3, 9, (1, 6))
+    masked = torch.tensor([[False, False, True, False, True, True]])
+    p = torch.tensor([[0.3, 0.3, 0.3, 0.3, 1.0, 1.0]])
+    nll = -torch.log_softmax(logits[0], -1)[torch.arange(6), ids[0]]
+    want = (nll[2] / 0.3 + nll[4] + nll[5]) / 4  # answer length 4 (prompt 2)
+    assert math.isclose(float(llada_sft_loss(logits, ids, masked, p, torch.tensor([2]))), float(want), rel_tol=1e-6)
 
 
 def test_causal_targets_and_loss():
@@ -115,7 +162,11 @@ def test_loss_falls_and_model_saves(tok_dir, tmp_path, objective):
     assert model.config.is_causal == (objective == "causal")
     assert model.config.mask_token_id == 2 and model.config.eos_token_id == 1
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "tokenizer.json").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "step-60" / "config.yaml").is_file()
+    ckpt = tmp_path / "run" / "checkpoint-60"
+    assert (ckpt / "config.yaml").is_file() and (ckpt / "trainer_state.json").is_file()
+    assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "generators_0.pt").is_file()
+    last = from_pretrained(ckpt).state_dict()  # a checkpoint is a loadable model directory
+    assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())
     assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events were written
 
 
@@ -131,7 +182,7 @@ def test_init_from_an_ar_model(tok_dir, tmp_path):
     ar = from_pretrained(tmp_path / "ar").state_dict()
     assert all(torch.equal(ar[k], v) for k, v in model.state_dict().items())
     assert not model.config.is_causal
-    init_weights(model, tmp_path / "ar" / "checkpoints" / "step-4")  # a training checkpoint works too
+    init_weights(model, tmp_path / "ar" / "checkpoint-4")  # a training checkpoint works too
     bigger = tiny_cfg(tok_dir, tmp_path / "x", "llada_sft", **{"model.hidden_size": 64})
     with pytest.raises(ValueError, match="does not match"):
         init_weights(build_model(model_config(bigger, load_tokenizer(tok_dir))), tmp_path / "ar")
@@ -152,14 +203,16 @@ def test_kill_and_resume_is_exact(tok_dir, tmp_path, objective):
             raise Killed
     with pytest.raises(Killed):
         train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10), on_step=kill_at_6)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-4"]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
     # a stopped run can be shipped from its checkpoint
-    ckpt = tmp_path / "cut" / "checkpoints" / "step-4"
+    ckpt = tmp_path / "cut" / "checkpoint-4"
     export_checkpoint(tiny_cfg(tok_dir, tmp_path / "cut", objective), ckpt, tmp_path / "exported")
-    saved = torch.load(ckpt / "state.pt", weights_only=False)["model"]
+    saved = from_pretrained(ckpt).state_dict()
     exported = from_pretrained(tmp_path / "exported").state_dict()
     assert all(torch.equal(saved[k], exported[k]) for k in saved)
 
+    with pytest.raises(ConfigError, match="already holds checkpoints and resume=none"):
+        train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10, resume="none"))  # never overwrites
     resumed = train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10))
     assert resumed["step"] == 10
     assert resumed["losses"] == full[4:]  # bit-identical continuation
@@ -176,3 +229,43 @@ def test_config_errors(tmp_path):
     cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_ar.yaml", ["objective=mlm"])
     with pytest.raises(ValueError, match="objective 'mlm'"):
         train(cfg)
+    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", ["semi_ar_prob=1.5"])
+    with pytest.raises(ValueError, match="semi_ar_prob must be in"):
+        train(cfg)
+
+
+def test_two_cpu_processes_save_every_rank_state_and_resume_exactly(tok_dir, tmp_path):
+    """DDP over gloo (configs/accelerate/cpu_ddp.yaml): each rank draws its own masks and saves its own RNG
+    and mask-generator state, so a 2-process run resumed from its step-4 checkpoint (in a new output_dir)
+    ends with exactly the weights of the uninterrupted run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import yaml
+    from d2f.config import to_dict
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(tiny_cfg(tok_dir, tmp_path / "full", "llada_sft", max_steps=6,
+                                                        save_every=2, keep_checkpoints=0))))
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out, *extra):
+        cmd = [accelerate, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"),
+               "--main_process_port", "29551", str(REPO / "train/pretrain.py"), "--config", str(cfg_file),
+               f"output_dir={out}", *extra]
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    assert "2 process(es)" in launch(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-4"
+    assert {p.name for p in ckpt.glob("*_[01].pt")} == {"rng_state_0.pt", "rng_state_1.pt",
+                                                         "generators_0.pt", "generators_1.pt"}
+    g0, g1 = (torch.load(ckpt / f"generators_{r}.pt", weights_only=False)["mask"] for r in (0, 1))
+    assert not torch.equal(g0, g1)  # one mask stream per rank
+    shutil.copytree(ckpt, tmp_path / "elsewhere" / "checkpoint-4")
+    launch(tmp_path / "resumed", f"resume={tmp_path / 'elsewhere' / 'checkpoint-4'}")
+    a, b = from_pretrained(tmp_path / "full").state_dict(), from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
