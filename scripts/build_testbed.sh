@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, D2F student, accuracies.
 #
-#   bash scripts/build_testbed.sh              # about an hour on a 2-core CPU
+#   bash scripts/build_testbed.sh              # about 3.5 hours on a 2-core CPU (teacher: 8,000 steps, ~1.5 h)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
@@ -30,13 +30,13 @@ echo "== AR baseline (causal), log in runs/logs/ar.log"
 $PY train/pretrain.py --config configs/testbed_ar.yaml num_threads="$THREADS" "$@" > runs/logs/ar.log 2>&1
 export_model ar
 
-echo "== teacher (llada_sft, initialised from testbed/ar), log in runs/logs/teacher.log"
+echo "== teacher (llada_sft + clean-prefix term, initialised from testbed/ar), log in runs/logs/teacher.log"
 $PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
 export_model teacher
 
 echo "== D2F student: teacher answers for train problems, then distillation (configs/d2f_tiny.yaml)"
 $PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \
-    --n "${DISTILL_N:-400}" --mode fast-dllm --max-new-tokens 128 --block-size 32 --batch-size 100 \
+    --n "${DISTILL_N:-800}" --mode fast-dllm --max-new-tokens 128 --block-size 32 --batch-size 100 \
     --out data/distill/testbed_train.jsonl
 rm -rf runs/d2f_tiny
 $PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny > runs/logs/distill.log 2>&1

@@ -11,9 +11,10 @@ Objectives
 - `llada_sft` (LLaDA's SFT recipe): the prompt is never masked; every answer token (EOS padding included,
   so the model learns where to stop) is replaced by [MASK] with probability p = (1 - eps) * t + eps,
   t ~ U(0, 1) per sample; the loss is the cross-entropy on masked tokens weighted 1 / p, divided by the
-  sample's answer length and averaged over the batch. Full attention. `semi_ar_prob` > 0 noises that
-  fraction of the samples as block-wise decoding sees an answer (clean before a random cut, a window masked
-  at ratio p, everything after it masked; see `forward_process` for why the testbed teacher needs it).
+  sample's answer length and averaged over the batch. Full attention. `clean_prefix_frac` > 0 trains
+  that share of each batch instead on predicting every answer token, masked, from its clean prefix (all
+  positions in one forward over a two-copy layout, `clean_prefix_layout`, which says why the testbed
+  teacher needs it).
 - `causal`: next-token cross-entropy on the answer tokens up to and including the first EOS, for the
   same-architecture AR baseline (`is_causal: true` goes into its config.json).
 
@@ -81,8 +82,7 @@ class PretrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mask_eps: float = 1e-3  # llada_sft: minimum masking probability
-    semi_ar_prob: float = 0.0  # llada_sft: fraction of samples masked as block-wise decoding sees them (forward_process)
-    semi_ar_window: int = 32  # llada_sft: tokens after the cut masked with probability p (the decoding block)
+    clean_prefix_frac: float = 0.0  # llada_sft: share of each batch trained in the decoding state (clean_prefix_layout)
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
@@ -101,10 +101,8 @@ class PretrainConfig:
             raise ValueError(f"save_dtype {self.save_dtype!r} must be 'float32' or 'bfloat16'")
         if not 0 < self.mask_eps < 1:
             raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
-        if not 0 <= self.semi_ar_prob <= 1:
-            raise ValueError(f"semi_ar_prob must be in [0, 1], got {self.semi_ar_prob}")
-        if self.semi_ar_window <= 0:
-            raise ValueError(f"semi_ar_window must be > 0, got {self.semi_ar_window}")
+        if not 0 <= self.clean_prefix_frac <= 1:
+            raise ValueError(f"clean_prefix_frac must be in [0, 1], got {self.clean_prefix_frac}")
         for name in ("batch_size", "max_steps", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -157,53 +155,77 @@ class EpochPermutations:
 # ---- objectives --------------------------------------------------------------------------------
 
 def forward_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float,
-                    generator: torch.Generator | None = None, semi_ar_prob: float = 0.0, semi_ar_window: int = 32):
+                    generator: torch.Generator | None = None):
     """LLaDA SFT noising: mask each answer token with probability p = (1-eps) t + eps, t ~ U(0,1) per sample.
 
-    With semi_ar_prob > 0, that fraction of the samples is noised the way semi-autoregressive decoding
-    sees an answer instead: a cut c is drawn uniformly over the answer; tokens before c are clean, tokens
-    in [c, c + semi_ar_window) are masked with probability p, and every token after that is masked.
-    Why: under uniform masking an arithmetic result can nearly always be copied from one of its later
-    occurrences (GSM8K writes `<<a*b=c>>c` and reuses c), so a small model learns to copy instead of
-    computing, and then fails when block-wise decoding reaches the first occurrence with everything
-    after it still masked (measured on the testbed: 60/60 first results right with the copies visible,
-    3/60 with the suffix masked). Samples that use it are drawn with extra random numbers, so
-    semi_ar_prob = 0 keeps the plain LLaDA stream.
-
-    Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and each position's masking
-    probability (B, L) (the 1/p loss weight; 1 for the fully masked suffix).
+    Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and p (B,).
     """
     B, L = input_ids.shape
     dev = generator.device if generator is not None else input_ids.device
     # drawn on the generator's device (CPU in the recipe), so runs on any device draw the same masks
     t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
-    p = ((1 - eps) * t + eps)[:, None].expand(B, L)  # (B, L)
-    pos = torch.arange(L, device=input_ids.device)[None]  # (1, L)
-    answer = pos >= prompt_lens[:, None]  # (B, L)
+    p = (1 - eps) * t + eps  # (B,)
+    answer = torch.arange(L, device=input_ids.device)[None] >= prompt_lens[:, None]  # (B, L)
     u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
-    masked = (u < p) & answer
-    if semi_ar_prob > 0:
-        semi = (torch.rand(B, generator=generator, device=dev) < semi_ar_prob).to(input_ids.device)  # (B,)
-        frac = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
-        cut = prompt_lens + (frac * (L - prompt_lens)).long()  # (B,) first noisy position
-        window_end = (cut + semi_ar_window)[:, None]
-        suffix = pos >= window_end  # (B, L)
-        semi_masked = answer & (pos >= cut[:, None]) & ((u < p) | suffix)
-        masked = torch.where(semi[:, None], semi_masked, masked)
-        p = torch.where(semi[:, None] & suffix, torch.ones_like(p), p)
+    masked = (u < p[:, None]) & answer
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy, masked, p
 
 
+def clean_prefix_layout(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int):
+    """Every answer position predicted from its clean prefix, all in one forward (block diffusion's
+    two-copy trick with blocks of one token).
+
+    The sequence (B, L) becomes two copies side by side, (B, 2L), with the same position ids: the clean
+    sequence, then an all-[MASK] copy. Attention is `d2f.masks.block_causal(prompt_len, 1)` within the
+    clean copy (the prompt sees itself, answer token j sees the prompt and answer tokens up to j), and the
+    mask-copy query at answer position i sees the clean tokens before i and its own [MASK]. So row i of the
+    mask copy equals the last row of a forward over `prompt + answer[:i] + [MASK]` under that pattern,
+    and no query ever sees the token it predicts. (Future masks are left out: their states would have to
+    be recomputed for every i. Full attention over masks is what the LLaDA SFT part of the batch trains.)
+
+    Why: with uniform masking (LLaDA SFT) a GSM8K result can nearly always be copied from a later
+    occurrence (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute and
+    fails when decoding reaches the first occurrence with everything after it masked (measured on the
+    testbed teacher: 60/60 first results right with the copies visible, 3/60 with the suffix masked).
+    Here every answer token is a computation from a clean prefix, as in next-token training.
+
+    Returns ids (B, 2L), position ids (B, 2L), the attention mask (B, 1, 2L, 2L) and the loss positions
+    (B, 2L): the mask copy's answer positions, whose targets are input_ids[:, i].
+    """
+    from d2f import masks
+    B, L = input_ids.shape
+    dev = input_ids.device
+    i = torch.arange(L, device=dev)
+    answer = i[None] >= prompt_lens[:, None]  # (B, L)
+    cc = masks.block_causal(prompt_lens, 1).dense(i, i)[:, 0]  # (B, L, L) clean -> clean
+    cm = torch.zeros(B, L, L, dtype=torch.bool, device=dev)  # clean -> masks: never
+    mc = (i[None, :] < i[:, None])[None] & answer[:, :, None]  # masks -> the clean prefix (answer rows)
+    mm = torch.eye(L, dtype=torch.bool, device=dev)[None].expand(B, L, L)  # masks -> their own [MASK]
+    attn = torch.cat([torch.cat([cc, cm], 2), torch.cat([mc, mm], 2)], 1)[:, None]  # (B, 1, 2L, 2L)
+    ids = torch.cat([input_ids, torch.full_like(input_ids, mask_id)], 1)  # (B, 2L)
+    pos = torch.cat([i, i])[None].expand(B, 2 * L)
+    loss_at = torch.cat([torch.zeros_like(answer), answer], 1)  # (B, 2L)
+    return ids, pos, attn, loss_at
+
+
+def clean_prefix_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: torch.Tensor,
+                      prompt_lens: torch.Tensor) -> torch.Tensor:
+    """CE at every answer position of the mask copy (all masked: p = 1), divided by the answer length and
+    averaged over the batch, the LLaDA SFT normalisation."""
+    B, L = input_ids.shape
+    targets = torch.cat([input_ids, input_ids], 1)  # (B, 2L)
+    weight = (1.0 / (L - prompt_lens).float())[:, None].expand(B, 2 * L)  # (B, 2L)
+    ce = F.cross_entropy(logits[loss_at].float(), targets[loss_at], reduction="none")
+    return (ce * weight[loss_at]).sum() / B
+
+
 def llada_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
                    prompt_lens: torch.Tensor) -> torch.Tensor:
-    """sum over masked tokens of CE / (p * answer_len), divided by the batch size (LLaDA SFT).
-
-    p: each sample's masking probability (B,), or each position's (B, L)."""
+    """sum over masked tokens of CE / (p * answer_len), divided by the batch size (LLaDA SFT)."""
     B, L = input_ids.shape
     answer_len = (L - prompt_lens).float()  # (B,) answer + EOS padding
-    p = p[:, None].expand(B, L) if p.dim() == 1 else p
-    weight = 1.0 / (p * answer_len[:, None])  # (B, L)
+    weight = 1.0 / (p[:, None] * answer_len[:, None]).expand(B, L)  # (B, L)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (M,)
     return (ce * weight[masked]).sum() / B
 
@@ -227,9 +249,18 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator) -> torch.Tensor:
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
-        noisy, masked, p = forward_process(input_ids, prompt_lens, mcfg.mask_token_id, cfg.mask_eps, generator,
-                                           cfg.semi_ar_prob, cfg.semi_ar_window)
-        return llada_sft_loss(model(noisy), input_ids, masked, p, prompt_lens)
+        B = input_ids.shape[0]
+        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n samples of the batch, the rest LLaDA SFT
+        loss = input_ids.new_zeros((), dtype=torch.float32)
+        if n_prefix < B:
+            ids, plen = input_ids[n_prefix:], prompt_lens[n_prefix:]
+            noisy, masked, p = forward_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, generator)
+            loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * (B - n_prefix) / B
+        if n_prefix > 0:
+            ids, plen = input_ids[:n_prefix], prompt_lens[:n_prefix]
+            both, pos, attn, loss_at = clean_prefix_layout(ids, plen, mcfg.mask_token_id)
+            loss = loss + clean_prefix_loss(model(both, pos, mask=attn), ids, loss_at, plen) * n_prefix / B
+        return loss
     labels = causal_targets(input_ids, prompt_lens, mcfg.eos_token_id)
     return causal_loss(model(input_ids), labels)
 

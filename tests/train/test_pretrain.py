@@ -47,57 +47,60 @@ def test_forward_process_never_masks_the_prompt():
     pos = torch.arange(40)[None]
     assert not masked[pos < prompt_lens[:, None]].any()
     assert torch.equal(noisy[~masked], ids[~masked]) and (noisy[masked] == 2).all()
-    assert ((p >= 1e-3) & (p <= 1)).all() and (p == p[:, :1]).all()  # one ratio per sample
+    assert ((p >= 1e-3) & (p <= 1)).all()
     # the masked share of each answer follows its p
     share = masked.sum(1).float() / (40 - prompt_lens).float()
-    assert torch.corrcoef(torch.stack([share, p[:, 0]]))[0, 1] > 0.8
-    # the plain LLaDA stream: t ~ U(0,1) per sample, then one uniform per position
-    g = torch.Generator().manual_seed(0)
-    torch.randint(3, 50, (64, 40)), torch.randint(5, 20, (64,))  # (the draws above came from the global RNG)
-    g2 = torch.Generator().manual_seed(0)
-    t, u = torch.rand(64, generator=g2), torch.rand(64, 40, generator=g2)
-    _, masked0, _ = forward_process(ids, prompt_lens, mask_id=2, eps=1e-3, generator=g, semi_ar_prob=0.0)
-    assert torch.equal(masked0, (u < ((1 - 1e-3) * t + 1e-3)[:, None]) & (pos >= prompt_lens[:, None]))
+    assert torch.corrcoef(torch.stack([share, p]))[0, 1] > 0.8
 
 
-def test_semi_ar_noise_is_clean_before_the_cut_and_masked_after_the_window():
-    g = torch.Generator().manual_seed(1)
-    B, L, W = 4000, 60, 8
-    ids = torch.randint(3, 50, (B, L))
-    prompt_lens = torch.randint(5, 20, (B,))
-    noisy, masked, p = forward_process(ids, prompt_lens, mask_id=2, eps=1e-3, generator=g,
-                                       semi_ar_prob=0.5, semi_ar_window=W)
-    pos = torch.arange(L)[None]
-    assert not masked[pos < prompt_lens[:, None]].any() and torch.equal(noisy == 2, masked)
-    # a semi-AR sample: some p == 1 positions (its fully masked suffix), all masked, all after the window
-    suffix = p == 1.0
-    semi = suffix.any(1)
-    assert 0.4 < semi.float().mean() < 0.6
-    assert masked[suffix].all()
-    first_suffix = torch.where(semi, suffix.float().argmax(1), torch.full((B,), L))
-    cut = first_suffix - W  # where the window starts: before it everything is clean
-    for b in torch.nonzero(semi).flatten()[:200].tolist():
-        start = max(int(cut[b]), int(prompt_lens[b]))
-        assert not masked[b, :start].any()
-        assert (p[b, start:first_suffix[b]] == p[b, start]).all() and p[b, start] < 1
-    # inside the windows the mask rate follows the drawn ratio (expected count vs observed count)
-    window = (~suffix) & semi[:, None] & (pos >= cut[:, None]) & (pos >= prompt_lens[:, None])
-    expected, observed = float(p[window].sum()), float(masked[window].sum())
-    assert abs(observed - expected) < 4 * expected ** 0.5 + 1
-    # plain samples keep the uniform LLaDA masking over the whole answer
-    plain_share = masked[~semi].sum(1).float() / (L - prompt_lens[~semi]).float()
-    assert torch.corrcoef(torch.stack([plain_share, p[~semi, 0]]))[0, 1] > 0.8
-
-
-def test_llada_sft_loss_with_per_position_ratios():
-    """The semi-AR suffix is weighted 1 (p = 1) and the window 1/p, as per-position ratios say."""
+def test_clean_prefix_layout_rows_equal_one_forward_per_position_and_never_leak():
+    """Row i of the mask copy == the last row of a forward over prompt + answer[:i] + [MASK] under
+    d2f.masks.block_causal(prompt_len, 1); changing answer tokens from i on leaves rows <= i unchanged."""
+    from d2f import masks
+    from d2f.models import build_model, preset_config
+    from train.pretrain import clean_prefix_layout
     torch.manual_seed(0)
-    logits, ids = torch.randn(1, 6, 9), torch.randint(3, 9, (1, 6))
-    masked = torch.tensor([[False, False, True, False, True, True]])
-    p = torch.tensor([[0.3, 0.3, 0.3, 0.3, 1.0, 1.0]])
-    nll = -torch.log_softmax(logits[0], -1)[torch.arange(6), ids[0]]
-    want = (nll[2] / 0.3 + nll[4] + nll[5]) / 4  # answer length 4 (prompt 2)
-    assert math.isclose(float(llada_sft_loss(logits, ids, masked, p, torch.tensor([2]))), float(want), rel_tol=1e-6)
+    cfg = preset_config("tiny-llada").replace(num_layers=2, vocab_size=64, embedding_size=64, mask_token_id=2)
+    model = build_model(cfg, dtype=torch.float64, seed=0)
+    B, L = 3, 11
+    ids, plen = torch.randint(3, 64, (B, L)), torch.tensor([4, 6, 2])
+    both, pos, attn, loss_at = clean_prefix_layout(ids, plen, mask_id=2)
+    assert both.shape == (B, 2 * L) and (both[:, L:] == 2).all() and torch.equal(pos[:, :L], pos[:, L:])
+    assert torch.equal(loss_at[:, L:], torch.arange(L)[None] >= plen[:, None]) and not loss_at[:, :L].any()
+    out = model(both, pos, mask=attn)
+    for b in range(B):
+        P = int(plen[b])
+        for i in range(P, L):
+            x = torch.cat([ids[b, :i], torch.tensor([2])])[None]
+            ref = model(x, mask=masks.block_causal(torch.tensor([P]), 1))[0, -1]
+            torch.testing.assert_close(out[b, L + i], ref, rtol=1e-10, atol=1e-10)
+            y = ids.clone()
+            y[b, i:] = (y[b, i:] - 3 + 1) % 61 + 3  # every token from i on changes
+            yb, yp, ya, _ = clean_prefix_layout(y, plen, mask_id=2)
+            assert torch.equal(model(yb, yp, mask=ya)[b, L:L + i + 1], out[b, L:L + i + 1])
+
+
+@torch.no_grad()
+def test_clean_prefix_loss_and_batch_split_equal_hand_computation(tok_dir):
+    """compute_loss with clean_prefix_frac: the first round(B * frac) samples take the clean-prefix CE
+    (every answer token, weight 1 / answer length), the rest LLaDA SFT, weighted by their shares."""
+    from d2f.data.tokenizer import load_tokenizer
+    from d2f.models import build_model
+    from train.pretrain import clean_prefix_layout, clean_prefix_loss, compute_loss, model_config
+    cfg = tiny_cfg(tok_dir, "unused", "llada_sft", clean_prefix_frac=0.25)
+    model = build_model(model_config(cfg, load_tokenizer(tok_dir)), seed=0).eval()
+    torch.manual_seed(1)
+    ids, plen = torch.randint(3, 100, (4, 9)), torch.tensor([3, 4, 2, 5])
+    both, pos, attn, loss_at = clean_prefix_layout(ids[:1], plen[:1], 2)
+    logits = model(both, pos, mask=attn)
+    nll = -torch.log_softmax(logits[0, 9 + 3:], -1)[torch.arange(6), ids[0, 3:]]
+    want_prefix = float(nll.sum() / 6)  # 6 answer tokens
+    assert math.isclose(float(clean_prefix_loss(logits, ids[:1], loss_at, plen[:1])), want_prefix, rel_tol=1e-6)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = float(compute_loss(model, cfg, ids, plen, g1))
+    noisy, masked, p = forward_process(ids[1:], plen[1:], 2, cfg.mask_eps, g2)
+    want = 0.25 * want_prefix + 0.75 * float(llada_sft_loss(model(noisy), ids[1:], masked, p, plen[1:]))
+    assert math.isclose(got, want, rel_tol=1e-5)
 
 
 def test_causal_targets_and_loss():
@@ -229,8 +232,8 @@ def test_config_errors(tmp_path):
     cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_ar.yaml", ["objective=mlm"])
     with pytest.raises(ValueError, match="objective 'mlm'"):
         train(cfg)
-    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", ["semi_ar_prob=1.5"])
-    with pytest.raises(ValueError, match="semi_ar_prob must be in"):
+    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", ["clean_prefix_frac=1.5"])
+    with pytest.raises(ValueError, match="clean_prefix_frac must be in"):
         train(cfg)
 
 
