@@ -16,8 +16,11 @@ TESTBED = Path(__file__).resolve().parents[1] / "testbed"
 needs = {role: pytest.mark.skipif(not (TESTBED / role / "model.safetensors").is_file(),
                                   reason=f"testbed/{role} absent (bash scripts/build_testbed.sh)")
          for role in ("teacher", "ar")}
-# a held-out test problem (index into load_gsm8k("testbed")) that the shipped AR model solves
-FIXED_PROBLEM = 0
+needs["student"] = pytest.mark.skipif(not (TESTBED / "student" / "adapter_model.safetensors").is_file(),
+                                      reason="testbed/student absent (bash scripts/build_testbed.sh)")
+# a held-out test problem (index into load_gsm8k("testbed")) that the shipped teacher (vanilla), student
+# (D2F) and AR model all solve
+FIXED_PROBLEM = 3
 
 
 def tokenizer():
@@ -45,24 +48,31 @@ def test_checkpoint_loads(role):
 
 def _solve(role: str, mode: str) -> tuple[str, dict]:
     from d2f.data.tokenizer import prompt_ids
-    from infer.api import DecodeConfig, generate
-    model = from_pretrained(TESTBED / role, dtype=torch.float32)
+    from infer.api import DecodeConfig, generate, load
+    if role == "student":  # the teacher with the D2F LoRA merged in, decoded as in configs/compare_testbed.yaml
+        model, _ = load(str(TESTBED / "teacher"), mode="d2f", adapter=str(TESTBED / "student"))
+        cfg = DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.9)
+    else:
+        model = from_pretrained(TESTBED / role, dtype=torch.float32)
+        cfg = DecodeConfig(mode=mode, max_new_tokens=128, block_size=32, steps=128 if mode == "vanilla" else None)
     tok = tokenizer()
     problem = load_gsm8k("testbed", limit=FIXED_PROBLEM + 1)[FIXED_PROBLEM]
-    cfg = DecodeConfig(mode=mode, max_new_tokens=128, block_size=32, steps=128 if mode == "vanilla" else None)
     [res] = generate(model, tok, [prompt_ids(tok, problem["question"])], cfg)
     return res.text, problem
 
 
 @needs["teacher"]
-def test_teacher_writes_a_gsm8k_answer():
-    """The shipped teacher has the format but not the arithmetic (1.6% accuracy, see its README), so this
-    checks what it does reliably: a GSM8K-shaped answer with working lines and `#### N`, stopped by EOS."""
-    from d2f.data.extract import extract_answer
+def test_teacher_solves_a_fixed_problem():
     text, problem = _solve("teacher", "vanilla")
-    lines = text.rstrip().splitlines()
-    assert len(lines) >= 3 and lines[-1].startswith("#### "), text
-    assert "<<" in text and extract_answer(text) is not None
+    assert text.rstrip().splitlines()[-1].startswith("#### ") and "<<" in text, text
+    assert is_correct(text, problem["final"]), text
+
+
+@needs["teacher"]
+@needs["student"]
+def test_student_solves_a_fixed_problem_with_d2f_decoding():
+    text, problem = _solve("student", "d2f")
+    assert is_correct(text, problem["final"]), text
 
 
 @needs["ar"]
