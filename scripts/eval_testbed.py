@@ -48,11 +48,6 @@ def evaluate(model, tokenizer, problems: list[dict], mode: str, gen: int, block:
     return summary, records
 
 
-def load_model(path: str):
-    """A model directory (config.json + safetensors); train/pretrain.py's checkpoint-<step> directories are ones."""
-    return from_pretrained(path, dtype=torch.float32)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model directory (testbed/teacher, testbed/ar, runs/...) "
@@ -73,7 +68,7 @@ def main(argv=None) -> dict:
     tok_path = a.tokenizer or (a.model if (Path(a.model) / "tokenizer.json").is_file()
                                else str(Path(__file__).resolve().parents[1] / "testbed" / "tokenizer"))
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(a.model)
+    model = from_pretrained(a.model, dtype=torch.float32)  # a checkpoint-<step> directory is a model dir too
     mode = a.mode or ("ar" if model.config.is_causal else "vanilla")
     problems = load_gsm8k(a.source, "test", a.limit)
     summary, records = evaluate(model, tokenizer, problems, mode, a.gen, a.block, a.steps, a.batch_size)

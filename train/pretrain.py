@@ -82,7 +82,7 @@ class PretrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mask_eps: float = 1e-3  # llada_sft: minimum masking probability
-    clean_prefix_frac: float = 0.0  # llada_sft: share of each batch trained in the decoding state (clean_prefix_layout)
+    clean_prefix_frac: float = 0.0  # llada_sft: share of each batch predicting each answer token from its clean prefix
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
@@ -283,8 +283,8 @@ def build_dataset(cfg: PretrainConfig, tokenizer):
 
 
 def init_weights(model, path: str | Path) -> None:
-    """Copy weights from a model directory (config.json + safetensors; a checkpoint-<step> directory is one)
-    into `model`.
+    """Copy every tensor of a model directory (config.json + safetensors; a checkpoint-<step> directory is
+    one) into `model`: `init_from` and resuming both load weights this way.
 
     Only tensors matter, not the attention flag: an AR baseline (is_causal) initialises a dLLM, the
     AR-to-diffusion adaptation that Dream and DiffuLLaMA use to train dLLMs with less compute."""
@@ -293,15 +293,9 @@ def init_weights(model, path: str | Path) -> None:
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if bad or len(state) != len(own):
-        raise ValueError(f"init_from={str(path)!r} does not match the configured model: mismatched or missing "
+        raise ValueError(f"the checkpoint {str(path)!r} does not match the configured model: mismatched or missing "
                          f"tensors {bad[:5]} (model has {len(own)} tensors, the source {len(state)})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def load_weights(model, path: str | Path) -> None:
-    """Strictly load a checkpoint's weights into `model` (exact resume: checkpoints are saved in fp32)."""
-    from d2f.models import from_pretrained
-    model.load_state_dict(from_pretrained(Path(path), dtype=torch.float32).state_dict(), strict=True)
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
@@ -355,7 +349,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt, load_model=lambda d: load_weights(raw, d), optimizer=optimizer,
+        state = load_checkpoint(accelerator, ckpt, load_model=lambda d: init_weights(raw, d), optimizer=optimizer,
                                 scheduler=scheduler, generators=generators)
         step, position = state["step"], state["position"]
         accelerator.print(f"resumed from {ckpt} at step {step}")
