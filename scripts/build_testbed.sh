@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, D2F student, accuracies.
 #
-#   bash scripts/build_testbed.sh              # about 3.5 hours on a 2-core CPU (teacher: 8,000 steps, ~1.5 h)
+#   bash scripts/build_testbed.sh              # about 4.5 hours on a 2-core CPU (teacher: 12,000 steps, ~3 h)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml

@@ -51,7 +51,7 @@ def _solve(role: str, mode: str) -> tuple[str, dict]:
     from infer.api import DecodeConfig, generate, load
     if role == "student":  # the teacher with the D2F LoRA merged in, decoded as in configs/compare_testbed.yaml
         model, _ = load(str(TESTBED / "teacher"), mode="d2f", adapter=str(TESTBED / "student"))
-        cfg = DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.9)
+        cfg = DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.99)
     else:
         model = from_pretrained(TESTBED / role, dtype=torch.float32)
         cfg = DecodeConfig(mode=mode, max_new_tokens=128, block_size=32, steps=128 if mode == "vanilla" else None)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from d2f.config import ConfigError, load_config, save_config  # noqa: E402
 from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
 from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402
 from train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint  # noqa: E402
+from train.schedule import KINDS, warmup_then_decay  # noqa: E402
 
 # LoRA targets of the public D2F recipe: the attention projections, by our (= the public
 # checkpoints') module names.
@@ -150,8 +150,8 @@ def validate(cfg: DistillConfig) -> None:
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.lora.r <= 0:
         raise ConfigError(f"lora.r must be > 0, got {cfg.lora.r}")
-    if o.schedule not in ("constant", "cosine", "linear"):
-        raise ConfigError(f"optim.schedule {o.schedule!r} is not one of constant, cosine, linear")
+    if o.schedule not in KINDS:
+        raise ConfigError(f"optim.schedule {o.schedule!r} is not one of {KINDS}")
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas needs two values, got {o.betas}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -342,17 +342,6 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
     set_peft_model_state_dict(peft_model, load_file(str(adapter_dir / "adapter_model.safetensors")))
 
 
-def make_scheduler(optimizer, cfg: OptimSection, max_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        t = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if cfg.schedule == "cosine" else max(0.0, 1 - t)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # =============================================================================================
 # One micro-batch
 # =============================================================================================
@@ -506,7 +495,7 @@ def main(argv=None) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = make_scheduler(optimizer, o, cfg.max_steps)
+    scheduler = warmup_then_decay(optimizer, o.warmup_steps, cfg.max_steps, o.schedule)
     model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
     peft_model = accelerator.unwrap_model(model)
     logits_shift = peft_model.get_base_model().config.logits_shift

@@ -26,7 +26,6 @@ it from the newest one, so the resumed run continues with the same losses.
 """
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -43,6 +42,7 @@ from d2f.config import load_config, save_config  # noqa: E402
 from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
 from train.accelerator import make_accelerator  # noqa: E402
 from train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint  # noqa: E402
+from train.schedule import warmup_then_decay  # noqa: E402
 
 OBJECTIVES = ("llada_sft", "causal")
 
@@ -298,16 +298,6 @@ def init_weights(model, path: str | Path) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """Linear warmup to the base lr, then cosine decay to min_ratio * base lr at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train(cfg: PretrainConfig, on_step=None) -> dict:
     """Run (or resume) training; returns {"step", "losses" (per step of this call), "output_dir", "seconds"}.
 
@@ -337,7 +327,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    scheduler = warmup_then_decay(optimizer, cfg.warmup_steps, cfg.max_steps, "cosine", cfg.min_lr_ratio)
     # the masks are drawn from a generator of our own (one stream per process), saved in every checkpoint
     generators = {"mask": torch.Generator().manual_seed(cfg.seed * 1000 + rank)}
 

@@ -162,7 +162,10 @@ def test_default_config_parses_into_the_documented_rows():
     cc = C.load_config(C.CompareConfig, C.DEFAULT_CONFIG)
     rows = C.expand_rows(cc.configs)
     names = [r.name for r in rows]
-    assert names[:4] == ["teacher-vanilla", "teacher-fast-dllm-prefix", "teacher-fast-dllm-dual", "student-d2f"]
+    assert names[:5] == ["teacher-vanilla", "teacher-fast-dllm-prefix", "teacher-fast-dllm-dual",
+                         "teacher-fast-dllm-dual-0.99", "student-d2f"]
+    by_name = {r.name: r.decode for r in rows}  # D2F and its Fast-dLLM match decode at the same threshold
+    assert by_name["student-d2f"].tau_conf == by_name["teacher-fast-dllm-dual-0.99"].threshold == 0.99
     assert names[-1] == "ar" and sum(r.group == "student-d2f-sweep" for r in rows) == 4
     assert {r.decode.mode for r in rows} == {"vanilla", "fast-dllm", "d2f", "ar"}
     assert cc.baseline == "teacher-vanilla"

@@ -23,22 +23,9 @@ from d2f.models.common import SDPABackend, reference_attention  # noqa: E402
 from kernels import block_attention  # noqa: E402
 from kernels.backends import (FlexBackend, ReferenceBackend, TritonBackend, get_backend,  # noqa: E402
                               set_backend)
-from kernels.block_attention import kernel_available  # noqa: E402
+from kernel_helpers import DEVICE, HERE, fresh_process_fallback, needs_kernel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = kernel_available(DEVICE)
-
-
-def needs_kernel(test):
-    """Runs the kernel: here if it can, else in test_whole_file_in_fresh_process (marker `kernel`)."""
-    skip = pytest.mark.skipif(not HERE, reason="kernel unavailable in this process; "
-                              "test_whole_file_in_fresh_process runs it")
-    return pytest.mark.kernel(skip(test))
-
-
-@pytest.mark.skipif(HERE, reason="the kernel runs in this process: the tests below run directly")
-def test_whole_file_in_fresh_process(fresh_process):
-    fresh_process(__file__)
+test_whole_file_in_fresh_process = fresh_process_fallback(__file__)
 
 
 def flex_runs() -> str | None:

@@ -2,6 +2,7 @@
 the Triton interpreter, a fake timer) so that its correctness check and FLOP/byte accounting are
 tested even where no GPU is available."""
 import argparse
+import functools
 
 import pytest
 import torch
@@ -12,13 +13,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 from kernels import bench_block_attention as bench  # noqa: E402
 from kernels.block_attention import kernel_available  # noqa: E402
+from kernel_helpers import fresh_process_fallback, needs_kernel  # noqa: E402
 
 HERE = kernel_available("cpu")
 
 
-@pytest.mark.skipif(HERE, reason="the kernel runs in this process: the tests below run directly")
-def test_whole_file_in_fresh_process(fresh_process):
-    fresh_process(__file__)
+test_whole_file_in_fresh_process = fresh_process_fallback(__file__, HERE)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
@@ -34,8 +34,7 @@ def test_decode_step_starts_the_window_on_a_block_boundary():
             assert bs == min(32, window) and (cache - prompt) % bs == 0 and cache // 2 <= prompt <= cache
 
 
-@pytest.mark.kernel
-@pytest.mark.skipif(not HERE, reason="kernel unavailable in this process; test_whole_file_in_fresh_process runs it")
+@functools.partial(needs_kernel, here=HERE)
 def test_bench_row_on_cpu():
     from torch.nn.attention.flex_attention import flex_attention
 

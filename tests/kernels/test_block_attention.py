@@ -14,22 +14,10 @@ from d2f import masks  # noqa: E402
 from d2f.models.common import reference_attention  # noqa: E402
 from kernels import block_attention  # noqa: E402
 from kernels.block_attention import (block_causal_attention, block_causal_attention_reference,  # noqa: E402
-                                     kernel_available, key_start_from_valid)
+                                     key_start_from_valid)
+from kernel_helpers import DEVICE, fresh_process_fallback, needs_kernel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = kernel_available(DEVICE)  # False: triton was imported before the interpreter was switched on
-
-
-def needs_kernel(test):
-    """Runs the kernel: here if it can, else in test_whole_file_in_fresh_process (marker `kernel`)."""
-    skip = pytest.mark.skipif(not HERE, reason="kernel unavailable in this process; "
-                              "test_whole_file_in_fresh_process runs it")
-    return pytest.mark.kernel(skip(test))
-
-
-@pytest.mark.skipif(HERE, reason="the kernel runs in this process: the tests below run directly")
-def test_whole_file_in_fresh_process(fresh_process):
-    fresh_process(__file__)
+test_whole_file_in_fresh_process = fresh_process_fallback(__file__)
 
 
 def make_qkv(B, H, Hkv, Tq, S, D, dtype, seed=0, device=DEVICE):

@@ -2,20 +2,13 @@
 with SDPA, through the engine's public API (infer.api.generate). Re-runs itself in a fresh process
 when triton was imported before the interpreter could be switched on (see conftest.py)."""
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
 from kernels.backends import set_backend  # noqa: E402
-from kernels.block_attention import kernel_available  # noqa: E402
+from kernel_helpers import DEVICE, fresh_process_fallback, needs_kernel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = kernel_available(DEVICE)
-
-
-@pytest.mark.skipif(HERE, reason="the kernel runs in this process: the tests below run directly")
-def test_whole_file_in_fresh_process(fresh_process):
-    fresh_process(__file__)
+test_whole_file_in_fresh_process = fresh_process_fallback(__file__)
 
 
 DECODES = {  # mode: (model preset, DecodeConfig kwargs)
@@ -25,8 +18,7 @@ DECODES = {  # mode: (model preset, DecodeConfig kwargs)
 }
 
 
-@pytest.mark.kernel
-@pytest.mark.skipif(not HERE, reason="kernel unavailable in this process; test_whole_file_in_fresh_process runs it")
+@needs_kernel
 @pytest.mark.parametrize("mode", list(DECODES))
 def test_decoding_triton_equals_sdpa(mode, kernel_calls, peaked):
     """(c) infer.api.generate commits the same tokens with either backend: D2F (block-causal with
