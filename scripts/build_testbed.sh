@@ -51,3 +51,5 @@ $PY scripts/eval_testbed.py --model testbed/ar --mode ar --gen 128 --limit 500 -
     | tee runs/testbed_eval_ar.json
 $PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 128 --block 32 --steps 128 \
     --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher.json
+$PY -m infer.eval --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 --tau-act 0.95 --tau-conf 0.99 \
+    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_student
