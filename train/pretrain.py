@@ -214,10 +214,10 @@ def clean_prefix_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: to
     """CE at every answer position of the mask copy (all masked: p = 1), divided by the answer length and
     averaged over the batch, the LLaDA SFT normalisation."""
     B, L = input_ids.shape
-    targets = torch.cat([input_ids, input_ids], 1)  # (B, 2L)
-    weight = (1.0 / (L - prompt_lens).float())[:, None].expand(B, 2 * L)  # (B, 2L)
-    ce = F.cross_entropy(logits[loss_at].float(), targets[loss_at], reduction="none")
-    return (ce * weight[loss_at]).sum() / B
+    at = loss_at[:, L:]  # (B, L) the mask copy's answer positions; its position i predicts input_ids[:, i]
+    weight = (1.0 / (L - prompt_lens).float())[:, None].expand(B, L)  # (B, L)
+    ce = F.cross_entropy(logits[:, L:][at].float(), input_ids[at], reduction="none")
+    return (ce * weight[at]).sum() / B
 
 
 def llada_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
