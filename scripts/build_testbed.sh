@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, D2F student, accuracies.
 #
-#   bash scripts/build_testbed.sh              # about 4.5 hours on a 2-core CPU (teacher: 12,000 steps, ~3 h)
+#   bash scripts/build_testbed.sh              # about 5.5 hours on a 2-core CPU (teacher: 12,000 steps, ~3 h,
+#                                              # then its decoding-order stage: 22 min of orders + 2,400 steps, 33 min)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
@@ -15,10 +16,10 @@ PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-2}
 mkdir -p runs/logs
 
-export_model() {  # runs/testbed_<role> -> testbed/<role> (weights, config, tokenizer; the card stays)
-  local role=$1 tmp="testbed/$1.tmp"
+export_model() {  # runs/<run> (default testbed_<role>) -> testbed/<role> (weights, config, tokenizer; the card stays)
+  local role=$1 run=${2:-testbed_$1} tmp="testbed/$1.tmp"
   rm -rf "$tmp" && mkdir -p "$tmp"
-  cp runs/testbed_$role/{config.json,model.safetensors,config.yaml,tokenizer.json,tokenizer_config.json,chat_template.jinja} "$tmp/"
+  cp runs/$run/{config.json,model.safetensors,config.yaml,tokenizer.json,tokenizer_config.json,chat_template.jinja} "$tmp/"
   if [ -f "testbed/$role/README.md" ]; then cp "testbed/$role/README.md" "$tmp/"; fi
   rm -rf "testbed/$role" && mv "$tmp" "testbed/$role"
 }
@@ -32,7 +33,13 @@ export_model ar
 
 echo "== teacher (llada_sft + clean-prefix term, initialised from testbed/ar), log in runs/logs/teacher.log"
 $PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
-export_model teacher
+
+echo "== teacher, last stage: the states its own vanilla decoding visits (configs/testbed_teacher_orders.yaml)"
+[ runs/decode_orders.pt -nt runs/testbed_teacher/model.safetensors ] || $PY train/decode_orders.py --model runs/testbed_teacher --n 640 \
+    --threads "$THREADS" --out runs/decode_orders.pt
+$PY train/pretrain.py --config configs/testbed_teacher_orders.yaml num_threads="$THREADS" "$@" \
+    > runs/logs/teacher_orders.log 2>&1
+export_model teacher testbed_teacher_orders
 
 echo "== D2F student: teacher answers for train problems, then distillation (configs/d2f_tiny.yaml)"
 $PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \

@@ -14,7 +14,9 @@ Objectives
   sample's answer length and averaged over the batch. Full attention. `clean_prefix_frac` > 0 trains
   that share of each batch instead on predicting every answer token, masked, from its clean prefix (all
   positions in one forward over a two-copy layout, `clean_prefix_layout`, which says why the testbed
-  teacher needs it).
+  teacher needs it). `decode_order_frac` > 0 trains that share on the states the model's own vanilla
+  decoding visits (a `train/decode_orders.py` file; the loss is on the masked slots of the block being
+  decoded, the positions that step chooses among; that file's docstring says why).
 - `causal`: next-token cross-entropy on the answer tokens up to and including the first EOS, for the
   same-architecture AR baseline (`is_causal: true` goes into its config.json).
 
@@ -83,6 +85,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     mask_eps: float = 1e-3  # llada_sft: minimum masking probability
     clean_prefix_frac: float = 0.0  # llada_sft: share of each batch predicting each answer token from its clean prefix
+    decode_orders: str = ""  # llada_sft: a train/decode_orders.py file (states vanilla decoding visits)
+    decode_order_frac: float = 0.0  # llada_sft: share of each batch trained on those states
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
@@ -101,8 +105,18 @@ class PretrainConfig:
             raise ValueError(f"save_dtype {self.save_dtype!r} must be 'float32' or 'bfloat16'")
         if not 0 < self.mask_eps < 1:
             raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
-        if not 0 <= self.clean_prefix_frac <= 1:
-            raise ValueError(f"clean_prefix_frac must be in [0, 1], got {self.clean_prefix_frac}")
+        for name in ("clean_prefix_frac", "decode_order_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.clean_prefix_frac + self.decode_order_frac > 1:
+            raise ValueError(f"clean_prefix_frac + decode_order_frac must be <= 1 (shares of one batch), got "
+                             f"{self.clean_prefix_frac} + {self.decode_order_frac}")
+        if round(self.batch_size * self.decode_order_frac) >= self.batch_size:
+            raise ValueError(f"decode_order_frac={self.decode_order_frac} leaves no data samples in a batch of "
+                             f"{self.batch_size}; lower it")
+        if self.decode_order_frac > 0 and (self.objective != "llada_sft" or not self.decode_orders):
+            raise ValueError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
+                             "(python train/decode_orders.py --model <teacher> --n <problems> --out <file>)")
         for name in ("batch_size", "max_steps", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -246,16 +260,23 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator) -> torch.Tensor:
+def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator, states=None) -> torch.Tensor:
+    """The batch's loss. llada_sft: the batch is `n_order` decoding states (drawn here from `states`),
+    then `n_prefix` clean-prefix samples, then LLaDA SFT; each part weighted by its share of the batch."""
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
-        B = input_ids.shape[0]
-        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n samples of the batch, the rest LLaDA SFT
+        n_order = round(cfg.batch_size * cfg.decode_order_frac)
+        B = input_ids.shape[0] + n_order
+        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, the rest LLaDA SFT
         loss = input_ids.new_zeros((), dtype=torch.float32)
-        if n_prefix < B:
+        if n_order > 0:
+            from train.decode_orders import decode_order_loss
+            x, pos, pattern, loss_at, targets = states.sample(n_order, generator, input_ids.device)
+            loss = loss + decode_order_loss(model(x, pos, mask=pattern), targets, loss_at) * n_order / B
+        if n_order + n_prefix < B:
             ids, plen = input_ids[n_prefix:], prompt_lens[n_prefix:]
             noisy, masked, p = forward_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, generator)
-            loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * (B - n_prefix) / B
+            loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * (B - n_order - n_prefix) / B
         if n_prefix > 0:
             ids, plen = input_ids[:n_prefix], prompt_lens[:n_prefix]
             both, pos, attn, loss_at = clean_prefix_layout(ids, plen, mcfg.mask_token_id)
@@ -263,6 +284,23 @@ def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator) 
         return loss
     labels = causal_targets(input_ids, prompt_lens, mcfg.eos_token_id)
     return causal_loss(model(input_ids), labels)
+
+
+def build_decode_states(cfg: PretrainConfig, data, tokenizer):
+    """The decoding states of `cfg.decode_orders`, checked against this recipe's data (same problems)."""
+    from train.decode_orders import DecodeStates, load_decode_orders
+    d = load_decode_orders(cfg.decode_orders)
+    n, A = len(d["orders"]), cfg.data.answer_len
+    if d["seed"] != cfg.data.seed or n > len(data):
+        raise ValueError(f"{cfg.decode_orders!r} records the first {n} problems of seed {d['seed']}, not a prefix of "
+                         f"this recipe's data ({len(data)} problems, data.seed={cfg.data.seed})")
+    for i in range(n):
+        ids, plen = data[i]
+        ref = d["references"][i].tolist()
+        if ref[:A] != ids[plen:] or any(t != tokenizer.eos_token_id for t in ref[A:]):
+            raise ValueError(f"problem {i} of {cfg.decode_orders!r} does not match this recipe's data "
+                             f"(another tokenizer or data.answer_len?)")
+    return DecodeStates(d, [ids[:plen] for ids, plen in data[:n]], tokenizer.mask_token_id, tokenizer.pad_token_id)
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -321,6 +359,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = build_dataset(cfg, tokenizer)
     order = EpochPermutations(len(data), cfg.seed)
+    states = build_decode_states(cfg, data, tokenizer) if cfg.decode_order_frac > 0 else None
     model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -354,7 +393,8 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
-    global_batch = cfg.batch_size * world
+    # data samples per step: the decoding-state share of the batch is drawn from `states` instead
+    global_batch = (cfg.batch_size - round(cfg.batch_size * cfg.decode_order_frac)) * world
 
     def checkpoint():  # every rank: each saves its own RNG and mask-generator states
         save_checkpoint(accelerator, out, step, save_model=lambda d: save_pretrained(raw, d, dtype=torch.float32),
@@ -369,7 +409,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         input_ids, prompt_lens = collate([data[i] for i in idx], tokenizer.eos_token_id)
         input_ids, prompt_lens = input_ids.to(accelerator.device), prompt_lens.to(accelerator.device)
         with accelerator.autocast():
-            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"])
+            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], states)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

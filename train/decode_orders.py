@@ -1,0 +1,188 @@
+"""The order in which vanilla LLaDA decoding commits a model's answer tokens, for training on the
+states that decoding actually visits (`decode_orders` / `decode_order_frac` in train/pretrain.py).
+
+    python train/decode_orders.py --model testbed/teacher --n 640 --out runs/decode_orders.pt
+
+Why: vanilla decoding (low-confidence remasking, one token per forward, block 32) commits the most
+confident masked token of the block first, and a small dLLM is most confident about template tokens
+(`>>`, ` years`, `\\n`) several positions ahead. Their position fixes how many digits the numbers before
+them get, before those numbers are computed. Measured on the testbed teacher, 100 held-out problems:
+82% of commits were not the leftmost masked token, the errors were almost all arithmetic results with
+the wrong number of digits (`<<18-5=3>>`), and the same model solved 72% decoding strictly left to right
+against 52% in its own order. Uniform masking (LLaDA SFT) rarely shows the model those states; this
+file records them.
+
+For each training problem we run the published vanilla algorithm (`infer/vanilla.py`) with one change:
+a committed position takes the *reference* token, not the model's. The positions and their order are
+the model's own choice; the states stay consistent with the reference, so every masked position has a
+correct target. The result, per problem, is the step (0 .. steps-1) at which each answer slot was
+committed; the state before step s masks exactly the slots with order >= s.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+
+@torch.no_grad()
+def decode_orders(model, prompts: list[list[int]], references: list[list[int]], gen_len: int, block_size: int,
+                  steps: int, batch_size: int = 50) -> torch.Tensor:
+    """(N, gen_len) long: the vanilla-decoding step at which each answer slot is committed, with every
+    commit replaced by the reference token. references: answer ids, EOS-padded to gen_len."""
+    from d2f.masks import full
+    from infer.batch import forward_logits, make_batch
+    from infer.sampling import commit_topk, predict, vanilla_schedule
+
+    if gen_len % block_size:
+        raise ValueError(f"block_size {block_size} does not divide gen_len {gen_len}")
+    n_blocks = gen_len // block_size
+    if steps % n_blocks:
+        raise ValueError(f"steps {steps} is not a multiple of the number of blocks {n_blocks}")
+    bad = [i for i, r in enumerate(references) if len(r) != gen_len]
+    if bad:
+        raise ValueError(f"reference {bad[0]} has {len(references[bad[0]])} tokens, not gen_len={gen_len}")
+    spb = steps // n_blocks
+    cfg = model.config
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), gen_len, dtype=torch.long)
+    for s0 in range(0, len(prompts), batch_size):
+        batch = make_batch(prompts[s0:s0 + batch_size], gen_len, cfg.mask_token_id, cfg.pad_token_id, device)
+        ref = torch.tensor(references[s0:s0 + batch_size], dtype=torch.long, device=device)  # (b, G)
+        order = torch.full_like(ref, -1)
+        P, L = batch.prompt_len, batch.x.shape[1]
+        pattern = full(batch.key_valid) if batch.key_valid is not None else None
+        for b in range(n_blocks):
+            lo, hi = P + b * block_size, P + (b + 1) * block_size
+            counts = vanilla_schedule((batch.x[:, lo:hi] == cfg.mask_token_id).sum(-1), spb)  # (b, spb)
+            for s in range(spb):
+                logits, start = forward_logits(model, batch, 0, L, lo, pattern)
+                _, conf = predict(logits[:, lo - start:hi - start], 0.0, None, cfg.mask_token_id)  # (b, blk)
+                block = batch.x[:, lo:hi]
+                sel = commit_topk(conf, block == cfg.mask_token_id, counts[:, s])
+                batch.x[:, lo:hi] = torch.where(sel, ref[:, lo - P:hi - P], block)
+                order[:, lo - P:hi - P][sel] = b * spb + s
+        out[s0:s0 + len(ref)] = order.cpu()
+    return out
+
+
+def order_state(order: torch.Tensor, step: torch.Tensor, steps_per_block: int,
+                block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding state before `step`: (masked (B, G) = slots committed at `step` or later, loss_at
+    (B, G) = the masked slots of the block being decoded, the positions that step chooses among).
+    order (B, G); step (B,) long."""
+    G = order.shape[1]
+    masked = order >= step[:, None]
+    blk = torch.div(step, steps_per_block, rounding_mode="floor")  # (B,)
+    slot_blk = torch.arange(G, device=order.device)[None] // block_size  # (1, G)
+    return masked, masked & (slot_blk == blk[:, None])
+
+
+def load_decode_orders(path: str | Path) -> dict:
+    """{"orders" (N, G) long, "references" (N, G) long, "gen_len", "block_size", "steps", "data": {...}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decode_orders file {str(path)!r} does not exist; write it with "
+                                f"`python train/decode_orders.py --model <teacher> --n <problems> --out {path}`")
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"orders", "references", "gen_len", "block_size", "steps", "num_problems", "seed"} - set(d)
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a decode_orders file (missing {sorted(missing)})")
+    return d
+
+
+class DecodeStates:
+    """Samples decoding states for training: problem i of the file, step s ~ U{0 .. steps-1}, laid out as
+    the decoder lays them out (left-padded prompts, `gen_len` answer slots, the padding hidden from
+    attention), so the model sees exactly the input it saw when it made that step's choice.
+
+    prompts: the recipe's prompt ids of the file's problems (the first N of its data)."""
+
+    def __init__(self, d: dict, prompts: list[list[int]], mask_id: int, pad_id: int):
+        if len(prompts) != len(d["orders"]):
+            raise ValueError(f"{len(prompts)} prompts for {len(d['orders'])} recorded problems")
+        self.orders, self.refs, self.prompts = d["orders"], d["references"], prompts
+        self.block_size, self.steps = d["block_size"], d["steps"]
+        self.spb = self.steps // (d["gen_len"] // self.block_size)
+        self.mask_id, self.pad_id = mask_id, pad_id
+
+    def sample(self, n: int, generator: torch.Generator, device="cpu"):
+        """n states drawn uniformly: problem i ~ U{0 .. N-1}, step s ~ U{0 .. steps-1}."""
+        idx = torch.randint(len(self.prompts), (n,), generator=generator)
+        step = torch.randint(self.steps, (n,), generator=generator)
+        return self.state(idx, step, device)
+
+    def state(self, idx: torch.Tensor, step: torch.Tensor, device="cpu"):
+        """The buffers before step `step[k]` of problem `idx[k]` ->
+        (x (n, L), position_ids (n, L), attention Pattern or None, loss_at (n, L), targets (n, L))."""
+        from d2f.masks import full
+        from infer.batch import make_batch
+        ref, order = self.refs[idx], self.orders[idx]  # (n, G)
+        masked, loss_at = order_state(order, step, self.spb, self.block_size)
+        batch = make_batch([self.prompts[i] for i in idx.tolist()], ref.shape[1], self.mask_id, self.pad_id)
+        P = batch.prompt_len
+        batch.x[:, P:] = torch.where(masked, torch.full_like(ref, self.mask_id), ref)
+        targets = batch.x.clone()
+        targets[:, P:] = ref
+        at = torch.zeros_like(batch.x, dtype=torch.bool)
+        at[:, P:] = loss_at
+        kv = batch.key_valid.to(device) if batch.key_valid is not None else None
+        pattern = full(kv) if kv is not None else None
+        return batch.x.to(device), batch.position_ids.to(device), pattern, at.to(device), targets.to(device)
+
+
+def decode_order_loss(logits: torch.Tensor, targets: torch.Tensor, loss_at: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the mean CE over the slots the step chooses among (loss_at, never empty)."""
+    import torch.nn.functional as F
+    ce = torch.zeros(loss_at.shape, dtype=torch.float32, device=logits.device)
+    ce[loss_at] = F.cross_entropy(logits[loss_at].float(), targets[loss_at], reduction="none")
+    return (ce.sum(-1) / loss_at.sum(-1).clamp_min(1)).mean()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="the dLLM whose decoding order to record (a model dir)")
+    ap.add_argument("--tokenizer", default="testbed/tokenizer")
+    ap.add_argument("--n", type=int, required=True, help="the first n testbed train problems")
+    ap.add_argument("--seed", type=int, default=0, help="problem generator seed (data.seed of the recipe)")
+    ap.add_argument("--gen", type=int, default=128, help="answer slots (vanilla decoding's gen length)")
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="total forwards (default = gen)")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", required=True, help="output .pt")
+    a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    from d2f.data.gsm import make_problems
+    from d2f.data.tokenizer import load_tokenizer, prompt_ids
+    from d2f.models import from_pretrained
+
+    tok = load_tokenizer(a.tokenizer)
+    model = from_pretrained(a.model, dtype=torch.float32).eval()
+    problems = make_problems("train", a.n, seed=a.seed)  # a prefix of the recipe's data (same generator)
+    prompts = [prompt_ids(tok, p["question"]) for p in problems]
+    refs = []
+    for p in problems:
+        ids = tok(p["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(ids) > a.gen:
+            raise ValueError(f"an answer has {len(ids)} tokens (with EOS), more than --gen {a.gen}")
+        refs.append(ids + [tok.eos_token_id] * (a.gen - len(ids)))
+    steps = a.steps or a.gen
+    t0 = time.time()
+    orders = decode_orders(model, prompts, refs, a.gen, a.block, steps, a.batch_size)
+    out = {"orders": orders, "references": torch.tensor(refs, dtype=torch.long), "gen_len": a.gen,
+           "block_size": a.block, "steps": steps, "num_problems": a.n, "seed": a.seed, "model": a.model}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, a.out)
+    print(f"{a.n} problems, {time.time() - t0:.0f}s -> {a.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
