@@ -7,8 +7,9 @@
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
 # init_from: testbed/ar), so the AR model is trained and exported first. Training runs go to
-# runs/testbed_{ar,teacher} and resume from their newest checkpoint when interrupted (resume=auto), so
-# re-running this script continues where it stopped. Extra arguments are key=value overrides for both runs.
+# runs/testbed_{ar,teacher,teacher_orders} and resume from their newest checkpoint when interrupted
+# (resume=auto), so re-running this script continues where it stopped. Extra arguments are key=value
+# overrides for the three pretraining runs.
 # The model cards (testbed/*/README.md) are kept; update their numbers from runs/testbed_eval_*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,12 @@ echo "== teacher (llada_sft + clean-prefix term, initialised from testbed/ar), l
 $PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
 
 echo "== teacher, last stage: the states its own vanilla decoding visits (configs/testbed_teacher_orders.yaml)"
-[ runs/decode_orders.pt -nt runs/testbed_teacher/model.safetensors ] || $PY train/decode_orders.py --model runs/testbed_teacher --n 640 \
-    --threads "$THREADS" --out runs/decode_orders.pt
+# Recorded once: a resumed stage must keep reading the file it started with (the teacher's own re-run
+# re-saves its model.safetensors, so a timestamp check alone would record them again).
+if [ ! -f runs/decode_orders.pt ] || { ! compgen -G "runs/testbed_teacher_orders/checkpoint-*" > /dev/null \
+    && [ runs/testbed_teacher/model.safetensors -nt runs/decode_orders.pt ]; }; then
+  $PY train/decode_orders.py --model runs/testbed_teacher --n 640 --threads "$THREADS" --out runs/decode_orders.pt
+fi
 $PY train/pretrain.py --config configs/testbed_teacher_orders.yaml num_threads="$THREADS" "$@" \
     > runs/logs/teacher_orders.log 2>&1
 export_model teacher testbed_teacher_orders

@@ -6,12 +6,13 @@ states that decoding actually visits (`decode_orders` / `decode_order_frac` in t
 Why: vanilla decoding (low-confidence remasking, one token per forward, block 32) commits the most
 confident masked token of the block first, and a small dLLM is most confident about template tokens
 (`>>`, ` years`, `\\n`) several positions ahead. Their position fixes how many digits the numbers before
-them get, before those numbers are computed. Measured on the testbed teacher, 100 held-out problems:
-82% of commits were not the leftmost masked token, the errors were almost all wrong calculator results
-(a third with the wrong number of digits, `<<18-5=3>>`), and the same model solved 72% decoding strictly left to right
-against 52% in its own order. Uniform masking (LLaDA SFT) rarely shows the model those states; this
-file records them. Training half of each batch on them (configs/testbed_teacher_orders.yaml, 2,400 steps)
-took the teacher from 51.4% to 67.2% with vanilla decoding on the 500 held-out problems.
+them get, before those numbers are computed. Measured on the stage-5 testbed teacher: on the first 100
+held-out problems 82% of commits were not the leftmost masked token and the same model solved 72%
+decoding strictly left to right against 52% in its own order; on all 500, 239 of its 243 errors were
+wrong calculator results, 84 of them with the wrong number of digits (`<<18-5=3>>`). Uniform masking
+(LLaDA SFT) rarely shows the model those states; this file records them. Training half of each batch
+on them (configs/testbed_teacher_orders.yaml, 2,400 steps) took the teacher from 51.4% to 67.2% with
+vanilla decoding on the 500 held-out problems.
 
 For each training problem we run the published vanilla algorithm (`infer/vanilla.py`) with one change:
 a committed position takes the *reference* token, not the model's. The positions and their order are
@@ -43,6 +44,9 @@ def decode_orders(model, prompts: list[list[int]], references: list[list[int]], 
     if gen_len % block_size:
         raise ValueError(f"block_size {block_size} does not divide gen_len {gen_len}")
     n_blocks = gen_len // block_size
+    if steps > gen_len:  # a step that commits nothing would leave states with no slot to train on
+        raise ValueError(f"steps {steps} is more than gen_len {gen_len}; vanilla decoding commits at least one "
+                         f"token per step")
     if steps % n_blocks:
         raise ValueError(f"steps {steps} is not a multiple of the number of blocks {n_blocks}")
     bad = [i for i, r in enumerate(references) if len(r) != gen_len]
@@ -85,7 +89,8 @@ def order_state(order: torch.Tensor, step: torch.Tensor, steps_per_block: int,
 
 
 def load_decode_orders(path: str | Path) -> dict:
-    """{"orders" (N, G) long, "references" (N, G) long, "gen_len", "block_size", "steps", "data": {...}}."""
+    """{"orders" (N, G) long, "references" (N, G) long, "gen_len", "block_size", "steps", "num_problems",
+    "seed" (the problems are the first num_problems of make_problems("train", seed=seed)), "model"}."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"decode_orders file {str(path)!r} does not exist; write it with "
@@ -180,7 +185,9 @@ def main(argv=None) -> dict:
     out = {"orders": orders, "references": torch.tensor(refs, dtype=torch.long), "gen_len": a.gen,
            "block_size": a.block, "steps": steps, "num_problems": a.n, "seed": a.seed, "model": a.model}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, a.out)
+    tmp = Path(f"{a.out}.tmp")
+    torch.save(out, tmp)
+    tmp.replace(a.out)  # atomic: a killed run never leaves a half-written file that looks recorded
     print(f"{a.n} problems, {time.time() - t0:.0f}s -> {a.out}")
     return out
 

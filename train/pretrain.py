@@ -111,9 +111,18 @@ class PretrainConfig:
         if self.clean_prefix_frac + self.decode_order_frac > 1:
             raise ValueError(f"clean_prefix_frac + decode_order_frac must be <= 1 (shares of one batch), got "
                              f"{self.clean_prefix_frac} + {self.decode_order_frac}")
-        if round(self.batch_size * self.decode_order_frac) >= self.batch_size:
+        n_order = round(self.batch_size * self.decode_order_frac)
+        n_prefix = round(self.batch_size * self.clean_prefix_frac)
+        if n_order >= self.batch_size:
             raise ValueError(f"decode_order_frac={self.decode_order_frac} leaves no data samples in a batch of "
                              f"{self.batch_size}; lower it")
+        if self.decode_order_frac > 0 and n_order == 0:
+            raise ValueError(f"decode_order_frac={self.decode_order_frac} rounds to 0 decoding states in a batch of "
+                             f"{self.batch_size}; raise it to at least {0.5 / self.batch_size:.3g} or set it to 0")
+        if n_order + n_prefix > self.batch_size:  # each share is rounded on its own
+            raise ValueError(f"decode_order_frac={self.decode_order_frac} and clean_prefix_frac="
+                             f"{self.clean_prefix_frac} round to {n_order} + {n_prefix} samples, more than "
+                             f"batch_size={self.batch_size}; lower one of them")
         if self.decode_order_frac > 0 and (self.objective != "llada_sft" or not self.decode_orders):
             raise ValueError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
                              "(python train/decode_orders.py --model <teacher> --n <problems> --out <file>)")
@@ -260,18 +269,19 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator, states=None) -> torch.Tensor:
-    """The batch's loss. llada_sft: the batch is `n_order` decoding states (drawn here from `states`),
-    then `n_prefix` clean-prefix samples, then LLaDA SFT; each part weighted by its share of the batch."""
+def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator, order_batch=None) -> torch.Tensor:
+    """The batch's loss. llada_sft: the batch is the decoding states `order_batch` (DecodeStates.sample,
+    `round(batch_size * decode_order_frac)` of them), then `n_prefix` clean-prefix samples, then LLaDA
+    SFT; each part weighted by its share of the batch."""
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
-        n_order = round(cfg.batch_size * cfg.decode_order_frac)
+        n_order = 0 if order_batch is None else order_batch[0].shape[0]
         B = input_ids.shape[0] + n_order
         n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, the rest LLaDA SFT
         loss = input_ids.new_zeros((), dtype=torch.float32)
         if n_order > 0:
             from train.decode_orders import decode_order_loss
-            x, pos, pattern, loss_at, targets = states.sample(n_order, generator, input_ids.device)
+            x, pos, pattern, loss_at, targets = order_batch
             loss = loss + decode_order_loss(model(x, pos, mask=pattern), targets, loss_at) * n_order / B
         if n_order + n_prefix < B:
             ids, plen = input_ids[n_prefix:], prompt_lens[n_prefix:]
@@ -394,7 +404,8 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
     # data samples per step: the decoding-state share of the batch is drawn from `states` instead
-    global_batch = (cfg.batch_size - round(cfg.batch_size * cfg.decode_order_frac)) * world
+    n_order = round(cfg.batch_size * cfg.decode_order_frac)
+    global_batch = (cfg.batch_size - n_order) * world
 
     def checkpoint():  # every rank: each saves its own RNG and mask-generator states
         save_checkpoint(accelerator, out, step, save_model=lambda d: save_pretrained(raw, d, dtype=torch.float32),
@@ -408,8 +419,10 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         idx = order.indices(position, global_batch)[rank::world]
         input_ids, prompt_lens = collate([data[i] for i in idx], tokenizer.eos_token_id)
         input_ids, prompt_lens = input_ids.to(accelerator.device), prompt_lens.to(accelerator.device)
+        # drawn before the data's masks, from the same saved generator, so resume stays exact
+        order_batch = states.sample(n_order, generators["mask"], accelerator.device) if states is not None else None
         with accelerator.autocast():
-            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], states)
+            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], order_batch)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -417,7 +430,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         position += global_batch
-        tokens += input_ids.numel() * world
+        tokens += (input_ids.numel() + (order_batch[0].numel() if order_batch is not None else 0)) * world
         losses.append(loss.item())
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:

@@ -18,17 +18,26 @@ from train.decode_orders import DecodeStates, decode_orders, order_state  # noqa
 
 
 def engine_run(model, prompts, gen, block, steps):
-    """The engine's vanilla decoding: final answers, commit step of every slot, buffer after every step."""
+    """The engine's vanilla decoding: final answers, commit step of every slot, and the inputs of every
+    model call (input_ids, position_ids, mask), captured as the model received them."""
     cfg = DecodeConfig(mode="vanilla", max_new_tokens=gen, block_size=block, steps=steps)
     batch = make_batch(prompts, gen, model.config.mask_token_id, model.config.pad_token_id)
-    after = []
-    log = StepLog(len(prompts), trace=True, on_step=lambda info: after.append(info["answer"].clone()))
-    decode(model, batch, cfg, log)
+    calls = []
+
+    def capture(module, args, kwargs):  # the decoder edits its buffer in place after the call: copy now
+        x = args[0] if args else kwargs["input_ids"]
+        calls.append((x.clone(), kwargs["position_ids"].clone(), kwargs["mask"]))
+    handle = model.register_forward_pre_hook(capture, with_kwargs=True)
+    log = StepLog(len(prompts), trace=True)
+    try:
+        decode(model, batch, cfg, log)
+    finally:
+        handle.remove()
     order = torch.full((len(prompts), gen), -1)
     for i, recs in enumerate(log.records):
         for r in recs:
             order[i, r["committed"]] = r["step"] - 1
-    return batch.answer().clone(), order, after
+    return batch.answer().clone(), order, calls
 
 
 @pytest.mark.parametrize("steps", [16, 8])  # one token per forward, and two
@@ -38,7 +47,8 @@ def test_orders_and_states_are_the_engines_when_the_reference_is_its_own_answer(
     model = random_model("tiny-llada", seed=3, std=0.5)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (5, 9, 7)]  # unequal: left padding
-    answers, engine_order, after = engine_run(model, prompts, 16, 8, steps)
+    answers, engine_order, calls = engine_run(model, prompts, 16, 8, steps)
+    assert len(calls) == steps  # vanilla decoding: one full-buffer forward per step
     orders = decode_orders(model, prompts, answers.tolist(), 16, 8, steps, batch_size=2)
     assert torch.equal(orders, engine_order)
     assert sorted(orders[0].tolist()) == sorted(list(range(steps)) * (16 // steps))
@@ -46,20 +56,20 @@ def test_orders_and_states_are_the_engines_when_the_reference_is_its_own_answer(
     d = {"orders": orders, "references": answers, "gen_len": 16, "block_size": 8, "steps": steps}
     mask = model.config.mask_token_id
     states = DecodeStates(d, prompts, mask, model.config.pad_token_id)
+    idx = torch.tensor([2, 0, 1])
     for s in range(steps):
-        idx = torch.tensor([2, 0, 1])
         x, pos, pattern, loss_at, targets = states.state(idx, torch.full((3,), s))
-        before = after[s - 1][idx] if s else torch.full((3, 16), mask)
+        seen_x, seen_pos, seen_mask = calls[s]  # what the model was given at step s
+        assert torch.equal(x, seen_x[idx]) and torch.equal(pos, seen_pos[idx])
+        assert pattern.kind == seen_mask.kind == "full"
+        assert torch.equal(pattern.key_valid, seen_mask.key_valid[idx])
         P = x.shape[1] - 16
-        assert torch.equal(x[:, P:], before)
-        assert torch.equal(targets[:, P:], answers[idx])
+        assert torch.equal(targets[:, P:], answers[idx]) and torch.equal(targets[:, :P], x[:, :P])
         blk = s // (steps // 2)
-        assert torch.equal(loss_at[:, P:], (before == mask) & (torch.arange(16) // 8 == blk))
+        assert torch.equal(loss_at[:, P:], (x[:, P:] == mask) & (torch.arange(16) // 8 == blk))
+        assert not loss_at[:, :P].any()
         committed = orders[idx] == s  # what step s chose is among the loss positions
         assert (loss_at[:, P:] | ~committed).all() and committed.any(-1).all()
-        want = make_batch([prompts[i] for i in idx.tolist()], 16, mask, model.config.pad_token_id)
-        assert torch.equal(x[:, :P], want.x[:, :P]) and torch.equal(pos, want.position_ids)
-        assert pattern is not None and torch.equal(pattern.key_valid, want.key_valid)
 
 
 def test_order_state_by_hand():
@@ -79,6 +89,8 @@ def test_decode_orders_rejects_bad_shapes():
         decode_orders(model, [[3, 4]], [[1] * 16], 16, 4, 6)
     with pytest.raises(ValueError, match="reference 0 has 15 tokens, not gen_len=16"):
         decode_orders(model, [[3, 4]], [[1] * 15], 16, 8, 16)
+    with pytest.raises(ValueError, match="steps 32 is more than gen_len 16"):
+        decode_orders(model, [[3, 4]], [[1] * 16], 16, 8, 32)
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
@@ -134,12 +146,55 @@ def test_training_on_decode_states_lowers_their_loss_and_resumes_exactly(tok_dir
     assert resumed["losses"] == full["losses"][4:]  # the states drawn after the resume are the same ones
 
 
+@torch.no_grad()
+def test_compute_loss_weights_the_three_parts_by_their_shares(tok_dir, orders_file):
+    """A batch of 8: 2 decoding states, then 2 clean-prefix samples, then 4 LLaDA SFT samples; the loss is
+    2/8, 2/8 and 4/8 of each part's own loss, and the SFT masks come from the generator after the states'."""
+    from d2f.data.tokenizer import load_tokenizer
+    from d2f.models import from_pretrained
+    from train.decode_orders import decode_order_loss
+    from train.pretrain import (build_dataset, build_decode_states, clean_prefix_layout, clean_prefix_loss, collate,
+                                compute_loss, forward_process, llada_sft_loss)
+    cfg = tiny_cfg(tok_dir, "unused", "llada_sft", decode_orders=orders_file, decode_order_frac=0.25,
+                   clean_prefix_frac=0.25)
+    tok = load_tokenizer(tok_dir)
+    data = build_dataset(cfg, tok)
+    model = from_pretrained(Path(orders_file).parent / "teacher").eval()
+    ids, plen = collate(data[:6], tok.eos_token_id)  # the batch's 6 data samples
+    g = torch.Generator().manual_seed(7)
+    order_batch = build_decode_states(cfg, data, tok).sample(2, g)
+    got = float(compute_loss(model, cfg, ids, plen, g, order_batch))
+
+    x, pos, pattern, at, targets = order_batch
+    part_order = float(decode_order_loss(model(x, pos, mask=pattern), targets, at))
+    both, bpos, attn, loss_at = clean_prefix_layout(ids[:2], plen[:2], tok.mask_token_id)
+    part_prefix = float(clean_prefix_loss(model(both, bpos, mask=attn), ids[:2], loss_at, plen[:2]))
+    g2 = torch.Generator().manual_seed(7)
+    build_decode_states(cfg, data, tok).sample(2, g2)  # advance past the states' draws
+    noisy, masked, p = forward_process(ids[2:], plen[2:], tok.mask_token_id, cfg.mask_eps, g2)
+    part_sft = float(llada_sft_loss(model(noisy), ids[2:], masked, p, plen[2:]))
+    assert min(part_order, part_prefix, part_sft) > 0
+    assert math.isclose(got, 0.25 * part_order + 0.25 * part_prefix + 0.5 * part_sft, rel_tol=1e-5)
+
+
+def test_two_processes_draw_their_own_states_and_resume_exactly(tok_dir, orders_file, tmp_path):
+    from test_pretrain import two_process_run_resumes_exactly
+    two_process_run_resumes_exactly(tok_dir, tmp_path, decode_orders=orders_file, decode_order_frac=0.25,
+                                    clean_prefix_frac=0.25)
+
+
 def test_decode_order_config_errors(tok_dir, orders_file, tmp_path):
     with pytest.raises(ValueError, match="needs objective llada_sft and a decode_orders file"):
         train(tiny_cfg(tok_dir, tmp_path / "a", "llada_sft", decode_order_frac=0.5, clean_prefix_frac=0))
     with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac must be <= 1"):
         train(tiny_cfg(tok_dir, tmp_path / "b", "llada_sft", decode_orders=orders_file, decode_order_frac=0.5,
                        clean_prefix_frac=0.75))
+    with pytest.raises(ValueError, match=r"round to 2 \+ 2 samples, more than batch_size=3"):
+        train(tiny_cfg(tok_dir, tmp_path / "g", "llada_sft", decode_orders=orders_file, decode_order_frac=0.5,
+                       clean_prefix_frac=0.5, batch_size=3))  # each share rounds 1.5 up
+    with pytest.raises(ValueError, match="decode_order_frac=0.1 rounds to 0 decoding states in a batch of 4"):
+        train(tiny_cfg(tok_dir, tmp_path / "h", "llada_sft", decode_orders=orders_file, decode_order_frac=0.1,
+                       clean_prefix_frac=0, batch_size=4))
     with pytest.raises(ValueError, match="leaves no data samples"):
         train(tiny_cfg(tok_dir, tmp_path / "c", "llada_sft", decode_orders=orders_file, decode_order_frac=1.0,
                        clean_prefix_frac=0))

@@ -241,6 +241,11 @@ def test_two_cpu_processes_save_every_rank_state_and_resume_exactly(tok_dir, tmp
     """DDP over gloo (configs/accelerate/cpu_ddp.yaml): each rank draws its own masks and saves its own RNG
     and mask-generator state, so a 2-process run resumed from its step-4 checkpoint (in a new output_dir)
     ends with exactly the weights of the uninterrupted run."""
+    two_process_run_resumes_exactly(tok_dir, tmp_path)
+
+
+def two_process_run_resumes_exactly(tok_dir, tmp_path, **kw):
+    """The DDP resume check above, for the tiny recipe with overrides `kw`."""
     import os
     import shutil
     import subprocess
@@ -250,7 +255,7 @@ def test_two_cpu_processes_save_every_rank_state_and_resume_exactly(tok_dir, tmp
 
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(tiny_cfg(tok_dir, tmp_path / "full", "llada_sft", max_steps=6,
-                                                        save_every=2, keep_checkpoints=0))))
+                                                        save_every=2, keep_checkpoints=0, **kw))))
     accelerate = str(Path(sys.executable).parent / "accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
