@@ -300,16 +300,17 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
     """The decoding states of `cfg.decode_orders`, checked against this recipe's data (same problems)."""
     from train.decode_orders import DecodeStates, load_decode_orders
     d = load_decode_orders(cfg.decode_orders)
-    n, A = len(d["orders"]), cfg.data.answer_len
+    n, eos = len(d["orders"]), tokenizer.eos_token_id
     if d["seed"] != cfg.data.seed or n > len(data):
         raise ValueError(f"{cfg.decode_orders!r} records the first {n} problems of seed {d['seed']}, not a prefix of "
                          f"this recipe's data ({len(data)} problems, data.seed={cfg.data.seed})")
-    for i in range(n):
+    for i in range(n):  # the answers agree; the longer of the two EOS paddings is EOS beyond the shorter
         ids, plen = data[i]
-        ref = d["references"][i].tolist()
-        if ref[:A] != ids[plen:] or any(t != tokenizer.eos_token_id for t in ref[A:]):
+        ref, ans = d["references"][i].tolist(), ids[plen:]
+        k = min(len(ref), len(ans))
+        if ref[:k] != ans[:k] or any(t != eos for t in ref[k:] + ans[k:]):
             raise ValueError(f"problem {i} of {cfg.decode_orders!r} does not match this recipe's data "
-                             f"(another tokenizer or data.answer_len?)")
+                             f"(another tokenizer, or an answer longer than one of the two paddings?)")
     return DecodeStates(d, [ids[:plen] for ids, plen in data[:n]], tokenizer.mask_token_id, tokenizer.pad_token_id)
 
 

@@ -177,6 +177,20 @@ def test_compute_loss_weights_the_three_parts_by_their_shares(tok_dir, orders_fi
     assert math.isclose(got, 0.25 * part_order + 0.25 * part_prefix + 0.5 * part_sft, rel_tol=1e-5)
 
 
+def test_orders_serve_data_padded_to_another_length(tok_dir, orders_file):
+    """Orders recorded at gen 192 serve data EOS-padded to 160 or to 224 (a stage that trains a longer
+    answer budget): the same states, since the states carry their own gen length."""
+    from d2f.data.tokenizer import load_tokenizer
+    from train.pretrain import build_dataset, build_decode_states
+    tok = load_tokenizer(tok_dir)
+    got = []
+    for answer_len in (160, 224):
+        cfg = tiny_cfg(tok_dir, "unused", "llada_sft", decode_orders=orders_file, decode_order_frac=0.25,
+                       **{"data.answer_len": answer_len})
+        got.append(build_decode_states(cfg, build_dataset(cfg, tok), tok).sample(4, torch.Generator().manual_seed(1)))
+    assert all(torch.equal(a, b) for a, b in zip(got[0][:2] + got[0][3:], got[1][:2] + got[1][3:]))
+
+
 def test_two_processes_draw_their_own_states_and_resume_exactly(tok_dir, orders_file, tmp_path):
     from test_pretrain import two_process_run_resumes_exactly
     two_process_run_resumes_exactly(tok_dir, tmp_path, decode_orders=orders_file, decode_order_frac=0.25,
