@@ -16,8 +16,12 @@ from infer.sampling import commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, all_true
 
 
-def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None) -> None:
-    """Fill batch.x's answer slots in place."""
+def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
+           reference: torch.Tensor | None = None) -> None:
+    """Fill batch.x's answer slots in place.
+
+    reference: optional (B, G) answer ids; the positions chosen at each step take these tokens instead of
+    the model's (train/decode_orders.py records which states decoding visits on a known answer)."""
     mask_id = model.config.mask_token_id
     P, G, L = batch.prompt_len, batch.gen_len, batch.x.shape[1]
     n_blocks = G // cfg.block_size
@@ -30,6 +34,8 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
         for s in range(steps_per_block):
             logits, start = forward_logits(model, batch, 0, L, lo, pattern)
             tokens, conf = predict(logits[:, lo - start:hi - start], cfg.temperature, generator, mask_id)  # (B, blk)
+            if reference is not None:
+                tokens = reference[:, lo - P:hi - P]
             block = batch.x[:, lo:hi]
             sel = commit_topk(conf, block == mask_id, counts[:, s])
             batch.x[:, lo:hi] = torch.where(sel, tokens, block)

@@ -37,9 +37,10 @@ def decode_orders(model, prompts: list[list[int]], references: list[list[int]], 
                   steps: int, batch_size: int = 50) -> torch.Tensor:
     """(N, gen_len) long: the vanilla-decoding step at which each answer slot is committed, with every
     commit replaced by the reference token. references: answer ids, EOS-padded to gen_len."""
-    from d2f.masks import full
-    from infer.batch import forward_logits, make_batch
-    from infer.sampling import commit_topk, predict, vanilla_schedule
+    from infer.api import DecodeConfig
+    from infer.batch import make_batch
+    from infer.steps import StepLog
+    from infer.vanilla import decode
 
     if gen_len % block_size:
         raise ValueError(f"block_size {block_size} does not divide gen_len {gen_len}")
@@ -52,26 +53,18 @@ def decode_orders(model, prompts: list[list[int]], references: list[list[int]], 
     bad = [i for i, r in enumerate(references) if len(r) != gen_len]
     if bad:
         raise ValueError(f"reference {bad[0]} has {len(references[bad[0]])} tokens, not gen_len={gen_len}")
-    spb = steps // n_blocks
-    cfg = model.config
+    cfg = DecodeConfig(mode="vanilla", max_new_tokens=gen_len, block_size=block_size, steps=steps)
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), gen_len, dtype=torch.long)
     for s0 in range(0, len(prompts), batch_size):
-        batch = make_batch(prompts[s0:s0 + batch_size], gen_len, cfg.mask_token_id, cfg.pad_token_id, device)
+        batch = make_batch(prompts[s0:s0 + batch_size], gen_len, model.config.mask_token_id,
+                           model.config.pad_token_id, device)
         ref = torch.tensor(references[s0:s0 + batch_size], dtype=torch.long, device=device)  # (b, G)
         order = torch.full_like(ref, -1)
-        P, L = batch.prompt_len, batch.x.shape[1]
-        pattern = full(batch.key_valid) if batch.key_valid is not None else None
-        for b in range(n_blocks):
-            lo, hi = P + b * block_size, P + (b + 1) * block_size
-            counts = vanilla_schedule((batch.x[:, lo:hi] == cfg.mask_token_id).sum(-1), spb)  # (b, spb)
-            for s in range(spb):
-                logits, start = forward_logits(model, batch, 0, L, lo, pattern)
-                _, conf = predict(logits[:, lo - start:hi - start], 0.0, None, cfg.mask_token_id)  # (b, blk)
-                block = batch.x[:, lo:hi]
-                sel = commit_topk(conf, block == cfg.mask_token_id, counts[:, s])
-                batch.x[:, lo:hi] = torch.where(sel, ref[:, lo - P:hi - P], block)
-                order[:, lo - P:hi - P][sel] = b * spb + s
+
+        def record(info):  # vanilla decoding makes one forward per step: forward k is step k - 1
+            order[info["committed"]] = info["step"] - 1
+        decode(model, batch, cfg, StepLog(len(ref), on_step=record), reference=ref)
         out[s0:s0 + len(ref)] = order.cpu()
     return out
 
@@ -166,19 +159,15 @@ def main(argv=None) -> dict:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     from d2f.data.gsm import make_problems
-    from d2f.data.tokenizer import load_tokenizer, prompt_ids
+    from d2f.data.tokenizer import load_tokenizer
     from d2f.models import from_pretrained
+    from train.pretrain import encode_problems
 
     tok = load_tokenizer(a.tokenizer)
     model = from_pretrained(a.model, dtype=torch.float32).eval()
-    problems = make_problems("train", a.n, seed=a.seed)  # a prefix of the recipe's data (same generator)
-    prompts = [prompt_ids(tok, p["question"]) for p in problems]
-    refs = []
-    for p in problems:
-        ids = tok(p["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        if len(ids) > a.gen:
-            raise ValueError(f"an answer has {len(ids)} tokens (with EOS), more than --gen {a.gen}")
-        refs.append(ids + [tok.eos_token_id] * (a.gen - len(ids)))
+    # a prefix of the recipe's data: same generator, same encoding, answers EOS-padded to --gen
+    data = encode_problems(make_problems("train", a.n, seed=a.seed), tok, a.gen, length_flag="--gen")
+    prompts, refs = [ids[:n] for ids, n in data], [ids[n:] for ids, n in data]
     steps = a.steps or a.gen
     t0 = time.time()
     orders = decode_orders(model, prompts, refs, a.gen, a.block, steps, a.batch_size)

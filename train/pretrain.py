@@ -98,6 +98,11 @@ class PretrainConfig:
     time_limit_minutes: float = 0.0  # > 0: stop (with a checkpoint and a final save) after this long
     init_from: str = ""  # start from these weights (a model dir or a checkpoint-<step> dir) instead of random init
 
+    @property
+    def n_decode_states(self) -> int:
+        """Decoding states per batch (per process); the batch's other samples come from the data."""
+        return round(self.batch_size * self.decode_order_frac)
+
     def validate(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
@@ -111,14 +116,13 @@ class PretrainConfig:
         if self.clean_prefix_frac + self.decode_order_frac > 1:
             raise ValueError(f"clean_prefix_frac + decode_order_frac must be <= 1 (shares of one batch), got "
                              f"{self.clean_prefix_frac} + {self.decode_order_frac}")
-        n_order = round(self.batch_size * self.decode_order_frac)
-        n_prefix = round(self.batch_size * self.clean_prefix_frac)
+        n_order, n_prefix = self.n_decode_states, round(self.batch_size * self.clean_prefix_frac)
         if n_order >= self.batch_size:
             raise ValueError(f"decode_order_frac={self.decode_order_frac} leaves no data samples in a batch of "
                              f"{self.batch_size}; lower it")
         if self.decode_order_frac > 0 and n_order == 0:
             raise ValueError(f"decode_order_frac={self.decode_order_frac} rounds to 0 decoding states in a batch of "
-                             f"{self.batch_size}; raise it to at least {0.5 / self.batch_size:.3g} or set it to 0")
+                             f"{self.batch_size}; raise it to at least {1 / self.batch_size:.3g} or set it to 0")
         if n_order + n_prefix > self.batch_size:  # each share is rounded on its own
             raise ValueError(f"decode_order_frac={self.decode_order_frac} and clean_prefix_frac="
                              f"{self.clean_prefix_frac} round to {n_order} + {n_prefix} samples, more than "
@@ -133,8 +137,10 @@ class PretrainConfig:
 
 # ---- data --------------------------------------------------------------------------------------
 
-def encode_problems(problems: list[dict], tokenizer, answer_len: int) -> list[tuple[list[int], int]]:
-    """(prompt ids + answer ids + EOS padding to answer_len, prompt length) per problem."""
+def encode_problems(problems: list[dict], tokenizer, answer_len: int,
+                    length_flag: str = "data.answer_len") -> list[tuple[list[int], int]]:
+    """(prompt ids + answer ids + EOS padding to answer_len, prompt length) per problem.
+    length_flag: the caller's name for answer_len, for the error on an answer that does not fit."""
     from d2f.data.tokenizer import prompt_ids
     eos = tokenizer.eos_token_id
     out = []
@@ -142,8 +148,8 @@ def encode_problems(problems: list[dict], tokenizer, answer_len: int) -> list[tu
         prompt = prompt_ids(tokenizer, p["question"])
         answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos]
         if len(answer) > answer_len:
-            raise ValueError(f"an answer has {len(answer)} tokens (with EOS), more than data.answer_len="
-                             f"{answer_len}; raise data.answer_len")
+            raise ValueError(f"an answer has {len(answer)} tokens (with EOS), more than {length_flag}="
+                             f"{answer_len}; raise {length_flag}")
         out.append((prompt + answer + [eos] * (answer_len - len(answer)), len(prompt)))
     return out
 
@@ -271,7 +277,7 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator, order_batch=None) -> torch.Tensor:
     """The batch's loss. llada_sft: the batch is the decoding states `order_batch` (DecodeStates.sample,
-    `round(batch_size * decode_order_frac)` of them), then `n_prefix` clean-prefix samples, then LLaDA
+    `cfg.n_decode_states` of them), then `n_prefix` clean-prefix samples, then LLaDA
     SFT; each part weighted by its share of the batch."""
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
@@ -405,7 +411,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
     # data samples per step: the decoding-state share of the batch is drawn from `states` instead
-    n_order = round(cfg.batch_size * cfg.decode_order_frac)
+    n_order = cfg.n_decode_states
     global_batch = (cfg.batch_size - n_order) * world
 
     def checkpoint():  # every rank: each saves its own RNG and mask-generator states
