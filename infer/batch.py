@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from d2f.masks import Pattern
+from d2f.masks import Pattern, full
 from d2f.models.common import shift_logits
 
 
@@ -35,6 +35,10 @@ class Batch:
 
     def answer(self) -> Tensor:
         return self.x[:, self.prompt_len:]  # (B, G) view
+
+    def full_pattern(self) -> Pattern | None:
+        """Full attention with the padding hidden; None (no mask at all) when nothing is padded."""
+        return full(self.key_valid) if self.key_valid is not None else None
 
     def select(self, rows: Tensor) -> "Batch":
         """The samples `rows` only (decoders drop finished samples); same layout, same P."""

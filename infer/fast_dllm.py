@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from d2f.cache import KVCache
-from d2f.masks import full
 from infer.batch import Batch, answer_done, drop_finished, forward_logits
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog
@@ -47,7 +46,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     P, G, L = batch.prompt_len, batch.gen_len, batch.x.shape[1]
     B, Bs = batch.x.shape[0], cfg.block_size
     n_blocks = G // Bs
-    pattern = full(batch.key_valid) if batch.key_valid is not None else None
+    pattern = batch.full_pattern()
     cache = None if cfg.cache == "none" else KVCache.for_model(model, B, L)
     rule = commit_rule(cfg)
     active = ~answer_done(batch.answer(), mask_id, eos_id)
@@ -86,7 +85,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
         if compact and not active.all():
             batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
             active = active[keep]
-            pattern = full(batch.key_valid) if batch.key_valid is not None else None
+            pattern = batch.full_pattern()
             B = len(keep)
     if batch is not orig:
         orig.x[rows] = batch.x

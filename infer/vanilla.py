@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from d2f.masks import full
 from infer.batch import Batch, forward_logits
 from infer.sampling import commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, all_true
@@ -26,7 +25,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     P, G, L = batch.prompt_len, batch.gen_len, batch.x.shape[1]
     n_blocks = G // cfg.block_size
     steps_per_block = cfg.total_steps // n_blocks
-    pattern = full(batch.key_valid) if batch.key_valid is not None else None
+    pattern = batch.full_pattern()
     active = all_true(batch.x.shape[0], batch.x.device)
     for b in range(n_blocks):
         lo, hi = P + b * cfg.block_size, P + (b + 1) * cfg.block_size

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, D2F student, accuracies.
 #
-#   bash scripts/build_testbed.sh              # about 5.5 hours on a 2-core CPU (teacher: 12,000 steps, ~3 h,
-#                                              # then its decoding-order stage: 22 min of orders + 2,400 steps, 33 min)
+#   bash scripts/build_testbed.sh              # about 6.5 hours on a 2-core CPU (teacher: 12,000 steps, ~3 h,
+#                                              # then its decoding-order stages: 22 min of orders + 2,400 steps, 33 min;
+#                                              # 37 min of orders at gen length 256 + 1,000 steps, 25 min)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
 # init_from: testbed/ar), so the AR model is trained and exported first. Training runs go to
-# runs/testbed_{ar,teacher,teacher_orders} and resume from their newest checkpoint when interrupted
+# runs/testbed_{ar,teacher,teacher_orders,teacher_orders256} and resume from their newest checkpoint when interrupted
 # (resume=auto), so re-running this script continues where it stopped. Extra arguments are key=value
-# overrides for the three pretraining runs.
+# overrides for the four pretraining runs.
 # The model cards (testbed/*/README.md) are kept; update their numbers from runs/testbed_eval_*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +45,16 @@ if [ ! -f runs/decode_orders.pt ] || { ! compgen -G "runs/testbed_teacher_orders
 fi
 $PY train/pretrain.py --config configs/testbed_teacher_orders.yaml num_threads="$THREADS" "$@" \
     > runs/logs/teacher_orders.log 2>&1
-export_model teacher testbed_teacher_orders
+
+echo "== teacher, second round: its decoding states at gen length 256 (configs/testbed_teacher_orders256.yaml)"
+if [ ! -f runs/decode_orders_256.pt ] || { ! compgen -G "runs/testbed_teacher_orders256/checkpoint-*" > /dev/null \
+    && [ runs/testbed_teacher_orders/model.safetensors -nt runs/decode_orders_256.pt ]; }; then
+  $PY train/decode_orders.py --model runs/testbed_teacher_orders --n 400 --gen 256 --threads "$THREADS" \
+      --out runs/decode_orders_256.pt
+fi
+$PY train/pretrain.py --config configs/testbed_teacher_orders256.yaml num_threads="$THREADS" "$@" \
+    > runs/logs/teacher_orders256.log 2>&1
+export_model teacher testbed_teacher_orders256
 
 echo "== D2F student: teacher answers for train problems, then distillation (configs/d2f_tiny.yaml)"
 $PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \
@@ -63,5 +73,7 @@ $PY scripts/eval_testbed.py --model testbed/ar --mode ar --gen 128 --limit 500 -
     | tee runs/testbed_eval_ar.json
 $PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 128 --block 32 --steps 128 \
     --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher.json
+$PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 256 --block 32 --steps 256 \
+    --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher_gen256.json
 $PY -m infer.eval --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 --tau-act 0.95 --tau-conf 0.99 \
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_student

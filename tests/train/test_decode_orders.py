@@ -235,3 +235,16 @@ def test_the_orders_stage_config_continues_the_teacher_recipe():
     stage.validate()
     assert stage.model == base.model and stage.data == base.data and stage.tokenizer == base.tokenizer
     assert stage.init_from == base.output_dir and stage.decode_order_frac > 0
+
+
+def test_the_gen256_orders_stage_continues_the_orders_stage():
+    from d2f.config import load_config
+    from test_pretrain import REPO
+    from train.pretrain import PretrainConfig
+    first = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml")
+    second = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders256.yaml")
+    second.validate()
+    assert second.init_from == first.output_dir and second.decode_orders != first.decode_orders
+    assert second.model == first.model and second.tokenizer == first.tokenizer
+    assert (second.data.num_problems, second.data.seed) == (first.data.num_problems, first.data.seed)
+    assert second.data.answer_len == 256 and second.decode_order_frac > 0
