@@ -26,6 +26,17 @@ export_model() {  # runs/<run> (default testbed_<role>) -> testbed/<role> (weigh
   rm -rf "testbed/$role" && mv "$tmp" "testbed/$role"
 }
 
+record_orders() {  # <orders file> <stage run> <model run> [train/decode_orders.py args]
+  # Recorded once: a resumed stage must keep reading the file it started with (the model's own re-run
+  # re-saves its model.safetensors, so a timestamp check alone would record them again).
+  local out=$1 stage=$2 model=$3
+  shift 3
+  if [ ! -f "$out" ] || { ! compgen -G "runs/$stage/checkpoint-*" > /dev/null \
+      && [ "runs/$model/model.safetensors" -nt "$out" ]; }; then
+    $PY train/decode_orders.py --model "runs/$model" --threads "$THREADS" --out "$out" "$@"
+  fi
+}
+
 echo "== tokenizer"
 $PY -m d2f.data.tokenizer --out testbed/tokenizer
 
@@ -36,22 +47,13 @@ export_model ar
 echo "== teacher (llada_sft + clean-prefix term, initialised from testbed/ar), log in runs/logs/teacher.log"
 $PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
 
-echo "== teacher, last stage: the states its own vanilla decoding visits (configs/testbed_teacher_orders.yaml)"
-# Recorded once: a resumed stage must keep reading the file it started with (the teacher's own re-run
-# re-saves its model.safetensors, so a timestamp check alone would record them again).
-if [ ! -f runs/decode_orders.pt ] || { ! compgen -G "runs/testbed_teacher_orders/checkpoint-*" > /dev/null \
-    && [ runs/testbed_teacher/model.safetensors -nt runs/decode_orders.pt ]; }; then
-  $PY train/decode_orders.py --model runs/testbed_teacher --n 640 --threads "$THREADS" --out runs/decode_orders.pt
-fi
+echo "== teacher, first decoding-order round: the states its own vanilla decoding visits (configs/testbed_teacher_orders.yaml)"
+record_orders runs/decode_orders.pt testbed_teacher_orders testbed_teacher --n 640
 $PY train/pretrain.py --config configs/testbed_teacher_orders.yaml num_threads="$THREADS" "$@" \
     > runs/logs/teacher_orders.log 2>&1
 
 echo "== teacher, second round: its decoding states at gen length 256 (configs/testbed_teacher_orders256.yaml)"
-if [ ! -f runs/decode_orders_256.pt ] || { ! compgen -G "runs/testbed_teacher_orders256/checkpoint-*" > /dev/null \
-    && [ runs/testbed_teacher_orders/model.safetensors -nt runs/decode_orders_256.pt ]; }; then
-  $PY train/decode_orders.py --model runs/testbed_teacher_orders --n 400 --gen 256 --threads "$THREADS" \
-      --out runs/decode_orders_256.pt
-fi
+record_orders runs/decode_orders_256.pt testbed_teacher_orders256 testbed_teacher_orders --n 400 --gen 256
 $PY train/pretrain.py --config configs/testbed_teacher_orders256.yaml num_threads="$THREADS" "$@" \
     > runs/logs/teacher_orders256.log 2>&1
 export_model teacher testbed_teacher_orders256
