@@ -1,7 +1,11 @@
 """Token choice, confidence and the commit rules shared by every decoder (DESIGN.md §3).
 
-All probability math is float64: confidences of 0.9 vs 0.9000001 decide which tokens are
-committed, and bf16/fp32 softmax ties would make decoding depend on the batch shape.
+Confidences are float64: 0.9 vs 0.9000001 decides which tokens are committed, and the testbed
+models put many positions within 1e-9 of 1, where a float32 probability would tie. They are
+computed without a float64 copy of the logits (126k columns for LLaDA): the top token's
+probability is 1 / (1 + r) with r = sum over the other tokens of exp(logit - top logit), a sum of
+small positive terms that float32 holds to ~1e-7 relative, and only r (one number per position)
+becomes float64. Sampling at temperature > 0 stays float64 throughout (its Gumbel noise needs it).
 
 - `predict(logits, temperature, generator)`: the token each position would take and its
   confidence (softmax probability of that token). temperature 0 = argmax; temperature > 0 =
@@ -24,19 +28,25 @@ def predict(logits: Tensor, temperature: float = 0.0, generator: torch.Generator
     exclude: a token id never to predict (the mask token: committing a mask would undo a
     commit, and on an untrained model could keep a block from ever finishing).
     """
-    logits = logits.double()
-    if exclude is not None:
-        logits[..., exclude] = NEG_INF
-    probs = torch.softmax(logits, dim=-1)
     if temperature > 0:
+        logits = logits.double()
+        if exclude is not None:
+            logits[..., exclude] = NEG_INF
         # the generator lives on the logits' device (see infer.api.generate)
         u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         tokens = (logits / temperature + gumbel).argmax(-1)
-    else:
-        tokens = logits.argmax(-1)
-    conf = probs.gather(-1, tokens[..., None])[..., 0]
-    return tokens, conf
+        conf = torch.softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+        return tokens, conf
+    # float32, or float64 for float64 models (tests); the caller's own tensor when it already is
+    # that dtype, so it is never written to
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    if exclude is not None:
+        x = x.index_fill(-1, torch.tensor([exclude], device=x.device), NEG_INF)
+    tokens = x.argmax(-1)  # (B, T)
+    top = x.gather(-1, tokens[..., None])  # (B, T, 1)
+    rest = torch.exp(x - top).scatter_(-1, tokens[..., None], 0.0).sum(-1)  # (B, T) other tokens' mass / top's
+    return tokens, 1.0 / (1.0 + rest.double())
 
 
 def masked_conf(conf: Tensor, masked: Tensor) -> Tensor:

@@ -61,7 +61,9 @@ KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # full 0, causal 1, block_
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
 
-    @triton.jit
+    # Lengths and offsets change at every decoding step. Triton would otherwise specialise on each
+    # integer argument's value being 1 or a multiple of 16, and compile a new variant mid-decode.
+    @triton.jit(do_not_specialize=["num_heads", "q_len", "kv_len", "q_offset", "k_offset", "block_size"])
     def _block_causal_attn_fwd(
         Q, K, V, Out, PromptLen, KeyStart,  # PromptLen, KeyStart: (B,) int32 buffer indices
         stride_qb, stride_qh, stride_qm, stride_qd,

@@ -57,3 +57,59 @@ def test_commit_factor_rule():
     # unmasked positions are never chosen
     m = torch.tensor([[True, False, True, False]])
     assert commit_factor(conf, m, 1.0).tolist() == [[True, False, False, False]]
+
+
+def float64_predict(logits, temperature=0.0, generator=None, exclude=None):
+    """The greedy confidence as it was computed before: a float64 softmax over the whole vocabulary."""
+    assert temperature == 0
+    logits = logits.double()
+    if exclude is not None:
+        logits[..., exclude] = float("-inf")
+    tokens = logits.argmax(-1)
+    return tokens, torch.softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+
+
+def test_predict_keeps_float64_resolution_near_one():
+    # margins of 25 and 26 nats: both probabilities round to 1.0 in float32, a float64 softmax
+    # still orders them, and so must predict (vanilla's top-k ranks such positions)
+    logits = torch.zeros(1, 2, 1024)
+    logits[0, 0, 3], logits[0, 1, 4] = 25.0, 26.0
+    _, conf = predict(logits)
+    _, want = float64_predict(logits)
+    assert conf[0, 0] < conf[0, 1] < 1.0
+    torch.testing.assert_close(1 - conf, 1 - want, rtol=1e-4, atol=0)  # 1 - p to float32's precision
+
+
+def test_predict_bf16_logits_same_tokens_and_confidence():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 4096, generator=g) * 4).bfloat16()
+    tok, conf = predict(logits, exclude=5)
+    want_tok, want_conf = float64_predict(logits, exclude=5)
+    assert torch.equal(tok, want_tok)
+    torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=0)
+
+
+def test_testbed_decoding_unchanged_by_float32_confidence(monkeypatch):
+    """Every mode on the shipped testbed models, batch 1 and 4: the same tokens and NFE as with the
+    float64 softmax."""
+    import infer.ar
+    import infer.d2f
+    import infer.fast_dllm
+    import infer.vanilla
+    from d2f.data.gsm8k import load_gsm8k
+    from d2f.data.tokenizer import prompt_ids
+    from infer.api import DecodeConfig, generate, load
+    from infer.bench import MODES
+
+    problems = load_gsm8k("testbed", split="test", limit=4)
+    for name in ("vanilla", "fast-dllm-prefix", "fast-dllm-dual", "d2f", "ar"):
+        cfg = DecodeConfig(**MODES[name])
+        model, tok = load(None, cfg.mode)
+        prompts = [prompt_ids(tok, p["question"]) for p in problems]
+        for bs in (1, 4):
+            new = [(r.token_ids, r.nfe) for r in generate(model, tok, prompts, cfg, batch_size=bs)]
+            with monkeypatch.context() as m:
+                for mod in (infer.ar, infer.d2f, infer.fast_dllm, infer.vanilla):
+                    m.setattr(mod, "predict", float64_predict)
+                old = [(r.token_ids, r.nfe) for r in generate(model, tok, prompts, cfg, batch_size=bs)]
+            assert new == old, (name, bs)

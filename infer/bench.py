@@ -1,0 +1,514 @@
+"""Decoding speed at the scale users run: every mode at LLaDA-8B / Dream-7B shapes, no download.
+
+    python -m infer.bench                                     # GPU: llada-8b and dream-7b shapes, bf16
+    python -m infer.bench --shapes tiny-llada,tiny-dream      # any machine, seconds (CI runs this)
+    python -m infer.bench --record                            # re-record the replayed schedules
+
+Random weights decode nothing worth timing: their confidences are flat, so D2F and Fast-dLLM would
+commit one token per forward. Instead each run *replays* a commit schedule recorded from the testbed
+models (`infer/bench_traces.json`, written by `--record` from `generate(..., trace=True)`): which
+answer positions each forward committed, and with which token. `Replay` wraps the random-weight model;
+its forward costs exactly what the real one costs (the same layers, cache, attention backend and
+output head), and then it rewrites the logits so that the unchanged decoder, with its own commit rule,
+commits what the recorded run committed at that step. Tokens per forward, window sizes, NFE and answer
+length are therefore those of real decoding, at 8B cost; the run checks that every replayed answer and
+NFE equals the trace (`replay_ok`).
+
+Per shape, mode and batch size it reports tokens/s (answer tokens up to the first EOS / wall time of
+the whole generate call, device synchronised), the time per forward, and that time as a multiple of
+the weight-read floor (weight bytes / measured device copy bandwidth: no decode step can be faster
+than reading the weights once). The D2F rows are repeated per attention backend (sdpa, flex, triton)
+inside the decode loop. The AR row runs our KV-cached AR decoder; `hf-generate` runs transformers'
+own `generate` (Llama / Qwen2 classes) on the same weights for the same number of tokens, so our AR
+baseline is measured against the reference implementation, not a straw man.
+
+Writes `results.json` and `results.md` to --output-dir (default outputs/bench).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+TRACES = Path(__file__).with_name("bench_traces.json")
+
+# The replayed rows: name -> DecodeConfig fields. The recording used the testbed's settings
+# (configs/compare_testbed.yaml), and replay must use the same ones so the decoder's commit rule
+# picks exactly the recorded positions.
+MODES = {
+    "vanilla": dict(mode="vanilla", max_new_tokens=128, block_size=32, steps=128),
+    "fast-dllm-prefix": dict(mode="fast-dllm", max_new_tokens=128, block_size=32, cache="prefix",
+                             rule="threshold", threshold=0.9),
+    "fast-dllm-dual": dict(mode="fast-dllm", max_new_tokens=128, block_size=32, cache="dual",
+                           rule="threshold", threshold=0.9),
+    "fast-dllm-dual-0.99": dict(mode="fast-dllm", max_new_tokens=128, block_size=32, cache="dual",
+                                rule="threshold", threshold=0.99),
+    "d2f": dict(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.99),
+    "ar": dict(mode="ar", max_new_tokens=128),
+}
+SHAPES = ("llada-8b", "dream-7b", "tiny-llada", "tiny-dream")
+BACKENDS = ("sdpa", "triton", "flex")
+MARGIN = 30.0  # logit of a replayed commit over every other token: confidence 1 - V e^-30 > 0.9999
+
+
+# ---- recording ----------------------------------------------------------------------------
+
+def trace_to_schedule(records: list[dict], gen_len: int) -> tuple[list[int], list[int]]:
+    """A sample's trace -> (order, tokens): order[j] = the forward (0-based) that committed answer
+    position j, -1 if none did; tokens[j] = the token committed there, -1 if none."""
+    order, tokens = [-1] * gen_len, [-1] * gen_len
+    for step, rec in enumerate(records):
+        for j, t in zip(rec["committed"], rec["tokens"]):
+            order[j], tokens[j] = step, t
+    return order, tokens
+
+
+def record(out: Path, n_problems: int, modes=tuple(MODES)) -> dict:
+    """Decode the first n held-out testbed problems with each mode's testbed model, keep the schedules."""
+    from d2f.data.gsm8k import load_gsm8k
+    from d2f.data.tokenizer import prompt_ids
+    from infer.api import DecodeConfig, generate, load, special_ids
+
+    problems = load_gsm8k("testbed", split="test", limit=n_problems)
+    data = {"source": "testbed models (d2f.testbed), first held-out test problems, batch 1, temperature 0",
+            "modes": {}}
+    for name in modes:
+        cfg = DecodeConfig(**MODES[name])
+        model, tok = load(None, cfg.mode)
+        mask_id, eos_id, pad_id = special_ids(model, tok)
+        data.update(mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
+        samples = []
+        for p in problems:
+            [res] = generate(model, tok, [prompt_ids(tok, p["question"])], cfg, trace=True)
+            order, tokens = trace_to_schedule(res.trace, cfg.max_new_tokens)
+            samples.append({"nfe": res.nfe, "num_tokens": res.num_tokens, "order": order, "tokens": tokens})
+        data["modes"][name] = {"config": MODES[name], "samples": samples}
+        print(f"recorded {name}: NFE {[s['nfe'] for s in samples]}", file=sys.stderr)
+    out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    return data
+
+
+# ---- replay -------------------------------------------------------------------------------
+
+def map_tokens(tokens: list[int], trace: dict, cfg) -> list[int]:
+    """Testbed token ids -> ids of the benchmarked model: EOS to its EOS, everything else onto ids
+    that are none of its special tokens (-1, never committed, stays -1)."""
+    special = {cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id}
+    free = [i for i in range(min(cfg.vocab_size, 4096)) if i not in special]
+    return [-1 if t < 0 else cfg.eos_token_id if t == trace["eos_id"] else free[t % len(free)] for t in tokens]
+
+
+class Replay(nn.Module):
+    """A model that costs what `model` costs and whose logits make a decoder commit a recorded schedule.
+
+    Each sample of a run gets its own prompt length (`prompt_lens`, all distinct): a row of any forward
+    is recognised by it (the position id its first answer slot has), also after a decoder dropped
+    finished rows. The step a row is at is the number of answer positions it has committed, which the
+    input shows: every position before the forwarded range is committed (finished blocks), every
+    committed one inside it is not a mask. Everything is computed on the device, without a host sync.
+    """
+
+    def __init__(self, model, orders: list[list[int]], tokens: list[list[int]], prompt_lens: list[int],
+                 causal: bool = False):
+        super().__init__()
+        if len(set(prompt_lens)) != len(prompt_lens):
+            raise ValueError(f"replay needs a distinct prompt length per sample, got {prompt_lens}")
+        self.model, self.config, self.causal = model, model.config, causal
+        dev = next(model.parameters()).device
+        self.order = torch.tensor(orders, device=dev)  # (N, G) forward that commits each position, -1 never
+        self.tokens = torch.tensor(tokens, device=dev).clamp_min(0)  # (N, G)
+        steps = int(self.order.max()) + 1
+        counts = torch.stack([(self.order == s).sum(-1) for s in range(steps)], -1)  # (N, steps)
+        self.cum = torch.cat([torch.zeros_like(counts[:, :1]), counts.cumsum(-1)], -1)  # (N, steps + 1)
+        self.lookup = torch.full((max(prompt_lens) + 1,), -1, dtype=torch.long, device=dev)
+        self.lookup[torch.tensor(prompt_lens, device=dev)] = torch.arange(len(prompt_lens), device=dev)
+        self.prompt_len = max(prompt_lens)  # P of a batch holding these samples (set by `batch_of`)
+        self.forwards = 0
+
+    def batch_of(self, prompt_lens: list[int]) -> None:
+        """Before each generate call: the batch's P (its longest prompt) places every answer."""
+        self.prompt_len = max(prompt_lens)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, mask=None, cache=None,
+                offset: int = 0) -> Tensor:
+        logits = self.model(input_ids, position_ids=position_ids, mask=mask, cache=cache, offset=offset)
+        self.forwards += 1
+        B, T = input_ids.shape
+        P, G = self.prompt_len, self.order.shape[1]
+        # the last column is never padding (prompts are left-padded): its position id places the row
+        sample = self.lookup[position_ids[:, -1] + (P - (offset + T - 1))]  # (B,) real prompt length -> sample
+        logits.zero_()
+        if self.causal:  # the last row predicts buffer index offset + T
+            a = offset + T - P
+            if 0 <= a < G:
+                logits[:, -1].scatter_(-1, self.tokens[sample, a][:, None], MARGIN)
+            return logits
+        shift = self.config.logits_shift
+        a0 = max(offset, P)
+        done = (a0 - P) + (input_ids[:, a0 - offset:] != self.config.mask_token_id).sum(-1)  # (B,)
+        step = (self.cum[sample] <= done[:, None]).sum(-1) - 1  # (B,) forwards this sample has had
+        j0 = max(P, offset + shift)  # first answer index this call predicts
+        if j0 >= offset + T:
+            return logits
+        order = self.order[sample, j0 - P:offset + T - P]  # (B, n)
+        val = torch.where(order == step[:, None], MARGIN, 0.0).to(logits.dtype)
+        rows = logits[:, j0 - shift - offset:offset + T - shift - offset]  # (B, n, V) view
+        rows.scatter_(-1, self.tokens[sample, j0 - P:offset + T - P][..., None], val[..., None])
+        return logits
+
+
+# ---- models with random weights -------------------------------------------------------------
+
+def random_model(shape: str, device, dtype, causal: bool = False, seed: int = 0):
+    """Our model class at a preset's shape with N(0, 0.02) weights made on the device (no 32 GB fp32
+    copy on the host for 8B)."""
+    from d2f.models import preset_config
+    from d2f.models.io import model_class
+    cfg = preset_config(shape).replace(is_causal=causal)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights(generator=g)
+    return model.eval()
+
+
+def share_weights(src, causal: bool):
+    """The same tensors under a model whose config differs only in is_causal (the same-shape AR
+    model of a dLLM shape costs no second copy of the weights)."""
+    from d2f.models.io import model_class
+    cfg = src.config.replace(is_causal=causal)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    model.load_state_dict(src.state_dict(), assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+HF_NAMES = {  # our LLaDA names -> transformers' Llama names (Dream already uses Qwen2's)
+    "model.transformer.wte.": "model.embed_tokens.", "model.transformer.ln_f.": "model.norm.",
+    "model.transformer.ff_out.": "lm_head.", "model.transformer.blocks.": "model.layers.",
+    ".attn_norm.": ".input_layernorm.", ".ff_norm.": ".post_attention_layernorm.",
+    ".q_proj.": ".self_attn.q_proj.", ".k_proj.": ".self_attn.k_proj.", ".v_proj.": ".self_attn.v_proj.",
+    ".attn_out.": ".self_attn.o_proj.", ".ff_proj.": ".mlp.gate_proj.", ".up_proj.": ".mlp.up_proj.",
+    ".ff_out.": ".mlp.down_proj.",
+}
+
+
+def hf_causal_lm(model):
+    """transformers' Llama (LLaDA shape) or Qwen2 (Dream shape) sharing `model`'s weight tensors."""
+    import transformers
+    c = model.config
+    common = dict(vocab_size=c.embedding_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                  num_key_value_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps,
+                  max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                  eos_token_id=None, pad_token_id=c.pad_token_id, bos_token_id=None)
+    rope = {"rope_theta": c.rope_theta}
+    if c.arch == "llada":
+        hf_cfg = transformers.LlamaConfig(attention_bias=c.qkv_bias, head_dim=c.head_dim, **common, **rope)
+        cls = transformers.LlamaForCausalLM
+    else:
+        hf_cfg = transformers.Qwen2Config(**common, **rope)
+        cls = transformers.Qwen2ForCausalLM
+    if getattr(hf_cfg, "rope_parameters", None) is not None:  # transformers >= 5 keeps theta here
+        hf_cfg.rope_parameters["rope_theta"] = c.rope_theta
+    p = next(model.parameters())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(p.dtype)  # build in the model's dtype: no fp32 copy of 8B weights
+    try:
+        with torch.device(p.device):
+            hf = cls(hf_cfg)  # its rotary buffers are made here; the weights are replaced below
+    finally:
+        torch.set_default_dtype(default)
+    state = {}
+    for k, v in model.state_dict().items():
+        if c.arch == "llada":
+            for a, b in HF_NAMES.items():
+                k = k.replace(a, b)
+        state[k] = v
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight names do not map onto {cls.__name__}: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = c.pad_token_id
+    return hf.eval()
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_gbps(device, nbytes: int) -> float:
+    """Device copy bandwidth (bytes read + written per second / 1e9), median of 5."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prompt_tokens(cfg, n: int, seed: int) -> list[int]:
+    """n random non-special token ids (the prompt's content does not change the cost)."""
+    special = {cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id}
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(cfg.vocab_size, 4096), (n,), generator=g).tolist()
+    return [t if t not in special else 3 + t % 7 for t in ids]
+
+
+def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_prompt: int, backend: str | None,
+             warmup: bool = True) -> dict:
+    """Replay `name`'s recorded schedules at `batch`; returns one row of the table."""
+    from infer.api import DecodeConfig, generate
+    from kernels import set_backend
+
+    rec = trace["modes"][name]
+    cfg = DecodeConfig(**rec["config"])
+    samples = rec["samples"][:n_samples]
+    causal = cfg.mode == "ar"
+    orders = [s["order"] for s in samples]
+    tokens = [map_tokens(s["tokens"], trace, model.config) for s in samples]
+    lens = [base_prompt + i for i in range(len(samples))]
+    prompts = [prompt_tokens(model.config, n, seed=i) for i, n in enumerate(lens)]
+    replay = Replay(model, orders, tokens, lens, causal=causal)
+    if backend is not None:
+        set_backend(model, backend)
+    if warmup:  # compile / autotune / allocator warm-up, untimed
+        replay.batch_of(lens[:1])
+        generate(replay, None, prompts[:1], cfg)
+    results, wall, forwards = [], 0.0, 0
+    for s in range(0, len(prompts), batch):
+        replay.batch_of(lens[s:s + batch])
+        replay.forwards = 0
+        res = generate(replay, None, prompts[s:s + batch], cfg)
+        results += res
+        wall += res[0].wall_time
+        forwards += replay.forwards
+    if backend is not None:
+        set_backend(model, "sdpa")
+    want = [[t for t in tk if t >= 0] for tk in tokens]
+    eos = model.config.eos_token_id
+    want = [w[:w.index(eos) + 1] if eos in w else w for w in want]
+    ok = all(r.token_ids == w and r.nfe == s["nfe"] for r, w, s in zip(results, want, samples))
+    n_tok = sum(r.num_tokens for r in results)
+    return {"mode": name, "backend": backend or "sdpa", "batch": batch, "samples": len(samples),
+            "tokens_per_s": n_tok / wall, "step_ms": 1e3 * wall / max(forwards, 1), "forwards": forwards,
+            "nfe": sum(r.nfe for r in results) / len(results), "answer_len": n_tok / len(results),
+            "tokens_per_forward": n_tok / max(sum(r.nfe for r in results), 1), "wall_s": wall,
+            "replay_ok": ok}
+
+
+def run_hf_generate(model, trace: dict, batch: int, n_samples: int, base_prompt: int) -> dict:
+    """transformers' generate on the same weights, for the AR rows' answer lengths (no EOS: exactly
+    that many tokens), against our AR decoder on the same prompts and lengths."""
+    samples = trace["modes"]["ar"]["samples"][:n_samples]
+    hf = hf_causal_lm(model)
+    dev = next(model.parameters()).device
+    n_new = round(sum(s["num_tokens"] for s in samples) / len(samples))
+    wall, n_tok = 0.0, 0
+    for s in range(0, len(samples), batch):
+        lens = [base_prompt + i for i in range(s, min(s + batch, len(samples)))]
+        P = max(lens)
+        ids = torch.full((len(lens), P), model.config.pad_token_id, dtype=torch.long)
+        attn = torch.zeros(len(lens), P, dtype=torch.long)
+        for i, n in enumerate(lens):  # left padding, as our batches
+            ids[i, P - n:] = torch.tensor(prompt_tokens(model.config, n, seed=s + i))
+            attn[i, P - n:] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        kw = dict(attention_mask=attn, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        if s == 0:
+            hf.generate(ids[:1], attention_mask=attn[:1], max_new_tokens=4, do_sample=False)  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(ids, **kw)
+        sync(dev)
+        wall += time.perf_counter() - t0
+        n_tok += (out.shape[1] - P) * len(lens)
+    del hf
+    return {"mode": "hf-generate", "backend": "transformers", "batch": batch, "samples": len(samples),
+            "tokens_per_s": n_tok / wall, "step_ms": 1e3 * wall / (n_new * -(-len(samples) // batch)),
+            "forwards": n_new * -(-len(samples) // batch), "nfe": n_new, "answer_len": n_tok / len(samples),
+            "tokens_per_forward": 1.0, "wall_s": wall, "replay_ok": None}
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def markdown(rows: list[dict]) -> str:
+    head = ["shape", "mode", "attention", "batch", "tokens/s", "ms / forward", "x floor", "NFE",
+            "tokens/forward", "answer length", "replay"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['batch']} | failed: "
+                         f"{r['error'][:80]} |" + " |" * (len(head) - 5))
+            continue
+        ok = {True: "exact", False: "MISMATCH", None: "-"}[r["replay_ok"]]
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['step_ms']:.2f} | {r['x_floor']:.2f} | {r['nfe']:.1f} | {r['tokens_per_forward']:.2f} | "
+                     f"{r['answer_len']:.1f} | {ok} |")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """The comparisons the D2F paper makes, from this run's rows (sdpa rows unless said)."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for b in dict.fromkeys(r["batch"] for r in rows):
+            get = {(r["mode"], r["backend"]): r["tokens_per_s"] for r in rows
+                   if r["shape"] == shape and r["batch"] == b and "error" not in r}
+            d2f = max((v for (m, _), v in get.items() if m == "d2f"), default=None)
+            if d2f is None:
+                continue
+            parts = []
+            for other in ("vanilla", "fast-dllm-dual", "fast-dllm-dual-0.99", "ar"):
+                if (other, "sdpa") in get:
+                    parts.append(f"{d2f / get[(other, 'sdpa')]:.2f}x {other}")
+            if ("ar", "sdpa") in get and ("hf-generate", "transformers") in get:
+                parts.append(f"our AR {get[('ar', 'sdpa')] / get[('hf-generate', 'transformers')]:.2f}x "
+                             "transformers generate")
+            out.append(f"- {shape}, batch {b}: D2F (best backend) " + ", ".join(parts))
+    return out
+
+
+def parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [x for x in text.split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(f"error: unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None, help=f"comma-separated from {SHAPES} (default: the 8B/7B shapes on "
+                                                   "CUDA, the tiny ones elsewhere)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated from {list(MODES)}")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--samples", type=int, default=8, help="schedules replayed at the largest batch size")
+    ap.add_argument("--samples-b1", type=int, default=2, help="schedules replayed at batch size 1")
+    ap.add_argument("--prompt-len", type=int, default=256, help="prompt length of the first sample (+1 each next)")
+    ap.add_argument("--backends", default="sdpa,triton,flex", help="attention backends timed on the d2f rows")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 elsewhere")
+    ap.add_argument("--traces", default=str(TRACES))
+    ap.add_argument("--output-dir", default="outputs/bench")
+    ap.add_argument("--record", action="store_true", help="re-record --traces from the testbed models and exit")
+    ap.add_argument("--record-problems", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    if args.record:
+        record(Path(args.traces), args.record_problems)
+        print(f"wrote {args.traces}")
+        return 0
+    from infer.api import parse_dtype
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but torch sees no CUDA device; use --device cpu")
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    shapes = parse_list(args.shapes or ("llada-8b,dream-7b" if device.startswith("cuda") else "tiny-llada,tiny-dream"),
+                        SHAPES, "shape")
+    modes = parse_list(args.modes, MODES, "mode")
+    backends = parse_list(args.backends, BACKENDS, "backend")
+    try:
+        batches = sorted({int(b) for b in args.batch_sizes.split(",") if b})
+    except ValueError:
+        raise SystemExit(f"error: --batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if not batches or batches[0] <= 0:
+        raise SystemExit(f"error: --batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    path = Path(args.traces)
+    if not path.is_file():
+        raise SystemExit(f"error: no trace file {str(path)!r}; record one with `python -m infer.bench --record`")
+    trace = json.loads(path.read_text())
+    n_max = min(len(trace["modes"][m]["samples"]) for m in modes)
+
+    gbps = copy_gbps(device, 2 ** 30 if device.startswith("cuda") else 2 ** 26)
+    meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+            "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "copy_gbps": gbps,
+            "date": time.strftime("%Y-%m-%d"), "args": vars(args), "trace_source": trace.get("source")}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def save():  # after every row, so an interrupted run keeps what it measured
+        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    for shape in shapes:
+        t_shape = time.perf_counter()
+        model = random_model(shape, device, dtype)
+        floor_ms = 1e3 * weight_bytes(model) / (gbps * 1e9)
+        ar_model = share_weights(model, causal=True) if ("ar" in modes or not args.no_hf) else None
+        for b in batches:
+            n = min(args.samples_b1 if b == 1 else args.samples, n_max)
+            for name in modes:
+                m = ar_model if name == "ar" else model
+                for be in (backends if name == "d2f" else [None]):
+                    try:
+                        row = run_mode(m, trace, name, b, n, args.prompt_len, be)
+                    except Exception as e:  # one backend failing must not lose the rest of the run
+                        row = {"mode": name, "backend": be or "sdpa", "batch": b, "error": f"{type(e).__name__}: {e}"}
+                    rows.append({"shape": shape, **row})
+                    row = rows[-1]
+                    if "error" not in row:
+                        row["x_floor"] = row["step_ms"] / floor_ms
+                    save()
+                    print(f"{shape} {name} {row['backend']} b{b}: " +
+                          (row["error"] if "error" in row else
+                           f"{row['tokens_per_s']:.1f} tok/s, {row['step_ms']:.2f} ms/forward, "
+                           f"NFE {row['nfe']:.1f}, replay {row['replay_ok']}"), file=sys.stderr, flush=True)
+            if not args.no_hf:
+                try:
+                    row = run_hf_generate(ar_model, trace, b, n, args.prompt_len)
+                    row["x_floor"] = row["step_ms"] / floor_ms
+                except Exception as e:
+                    row = {"mode": "hf-generate", "backend": "transformers", "batch": b,
+                           "error": f"{type(e).__name__}: {e}"}
+                rows.append({"shape": shape, **row})
+                save()
+                print(f"{shape} hf-generate b{b}: {row.get('tokens_per_s', row.get('error'))}", file=sys.stderr)
+        print(f"{shape}: {time.perf_counter() - t_shape:.0f} s, weights {weight_bytes(model) / 1e9:.2f} GB, "
+              f"floor {floor_ms:.3f} ms", file=sys.stderr)
+        del model, ar_model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    table = markdown(rows)
+    summary = ratios(rows)
+    save()
+    text = (f"device {meta['device']}, {meta['dtype']}, torch {meta['torch']}, copy {gbps:.0f} GB/s, "
+            f"{meta['date']}\n\n{table}\n\n" + "\n".join(summary) + "\n")
+    (out / "results.md").write_text(text)
+    print(text)
+    bad = [r for r in rows if r.get("replay_ok") is False]
+    if bad:
+        print(f"error: {len(bad)} row(s) did not replay their schedule exactly: {[r['mode'] for r in bad]}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
