@@ -14,6 +14,11 @@ positions they forward (and so overwrite) at each step:
 `update` writes rows [offset, offset + T) and returns every row written so far, i.e. keys
 [0, length) where `length` is the high-water mark of written positions. Positions are
 python ints, so no device synchronisation is needed.
+
+`StaticKVCache` is the same buffer with shapes that never change: every call attends to all
+`max_len` rows and the write offset may be a device tensor, so a forward can be captured once as a
+CUDA graph and replayed at any offset (`infer.graphs`). The attention pattern hides the rows that
+hold nothing yet.
 """
 from __future__ import annotations
 
@@ -61,3 +66,25 @@ class KVCache:
         """Keep only these batch rows (drop finished samples from a batch)."""
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose `update` returns the whole buffer (B, H_kv, max_len, D) and accepts a 0-dim
+    long tensor as offset. Rows not written yet hold zeros or stale values: the caller's pattern
+    must hide them from every query that is read (`infer.graphs.StaticForward` does)."""
+
+    def kv_len(self, offset, q_len: int) -> int:
+        return self.max_len
+
+    def update(self, layer: int, offset, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(offset, Tensor):
+            idx = offset + torch.arange(k.shape[2], device=k.device)  # no host sync: capturable
+            self.k[layer].index_copy_(2, idx, k)
+            self.v[layer].index_copy_(2, idx, v)
+        else:
+            super().update(layer, offset, k, v)
+        return self.k[layer], self.v[layer]
+
+    def select(self, rows: Tensor) -> None:
+        raise RuntimeError("a StaticKVCache keeps its batch size (captured graphs hold its buffers): decode with "
+                           "compact=False")

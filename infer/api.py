@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from infer import ar, d2f, fast_dllm, vanilla
 from infer.batch import cut_at_eos, make_batch
@@ -176,6 +177,12 @@ def max_positions(model) -> int | None:
 
 DECODERS = {"vanilla": vanilla.decode, "fast-dllm": fast_dllm.decode, "d2f": d2f.decode, "ar": ar.decode}
 
+# Every SDPA kernel but cuDNN's. cuDNN attention builds an execution plan for each new pair of query
+# and key lengths, and decoding changes them at almost every step: on an H200 at LLaDA-8B shape an
+# eager D2F forward took 125 ms with it and 28 ms without (infer.bench, batch 1; README).
+DECODE_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                       SDPBackend.OVERRIDEABLE]
+
 
 def _decoder_kwargs(cfg: DecodeConfig, eos_id) -> dict:
     if cfg.mode == "d2f":
@@ -215,6 +222,8 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     kwargs = {**_decoder_kwargs(cfg, eos_id), **decoder_kwargs}
+    if getattr(model, "static_shapes", False) and cfg.mode != "vanilla":
+        kwargs.setdefault("compact", False)  # the batch keeps its size: captured graphs hold its buffers
     results: list[Result] = []
     for s in range(0, len(ids), bs):
         chunk = ids[s:s + bs]
@@ -222,17 +231,19 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
         fill = mask_id if cfg.mode != "ar" else pad_id
         batch = make_batch(chunk, cfg.max_new_tokens, fill, pad_id, device)
         log = StepLog(len(chunk), trace, on_step, list(range(s, s + len(chunk))))
-        DECODERS[cfg.mode](model, batch, cfg, log, generator, **kwargs)
+        with sdpa_kernel(DECODE_SDPA_KERNELS):
+            DECODERS[cfg.mode](model, batch, cfg, log, generator, **kwargs)
         answers = batch.answer().tolist()
         _sync(device)
         wall = time.perf_counter() - t0
+        nfes = log.nfe
         for i, row in enumerate(answers):
             toks = cut_at_eos(row, eos_id)
             if mask_id is not None and cfg.mode != "ar":
                 # masks can only remain after the first EOS (cut) or when decoding stopped early
                 toks = [t for t in toks if t != mask_id]
             text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
-            nfe = log.nfe[i]
+            nfe = nfes[i]
             results.append(Result(text=text, token_ids=toks, num_tokens=len(toks), nfe=nfe,
                                   tokens_per_forward=len(toks) / max(nfe, 1), wall_time=wall,
                                   tokens_per_s=len(toks) / wall if wall > 0 else 0.0,
@@ -275,10 +286,12 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None, device="cpu",
-         dtype="float32", tokenizer: str | None = None):
+         dtype="float32", tokenizer: str | None = None, cuda_graphs: bool = False):
     """(model, tokenizer) ready for `generate`. model None = the testbed model for the mode:
     the teacher for vanilla / fast-dllm, the student (teacher + D2F adapter, merged) for d2f,
-    the AR baseline for ar. An adapter (PEFT LoRA dir) is merged into the model for speed."""
+    the AR baseline for ar. An adapter (PEFT LoRA dir) is merged into the model for speed.
+    cuda_graphs: wrap the model in `infer.graphs.StaticForward` (each forward one CUDA-graph replay
+    on a GPU; on a CPU the same static shapes run eagerly). Same tokens, fewer kernel launches."""
     from d2f import testbed
     from d2f.models import PRESETS, load_model
 
@@ -306,6 +319,13 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
         from peft import PeftModel
         m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
     m.eval()
+    if cuda_graphs:
+        from d2f.models.base import DiffusionLM
+        from infer.graphs import StaticForward
+        if not isinstance(m, DiffusionLM):
+            raise DecodeConfigError(f"cuda_graphs needs one of our model classes (LLaDA, Dream, their causal "
+                                    f"variants); {model!r} loaded as {type(m).__name__}")
+        m = StaticForward(m)
     if tok_path is None:  # the checkpoint's own tokenizer, if it has one
         p = Path(model).expanduser()
         if model in PRESETS:

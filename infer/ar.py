@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from d2f.cache import KVCache
 from d2f.masks import causal
-from infer.batch import Batch, drop_finished
+from infer.batch import Batch, drop_finished, new_cache
 from infer.sampling import predict
 from infer.steps import StepLog
 
@@ -51,7 +50,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     B = batch.x.shape[0]
     vocab = model.config.vocab_size
     pattern = causal(batch.key_valid)
-    cache = KVCache.for_model(model, B, L) if use_cache else None
+    cache = new_cache(model, B, L) if use_cache else None
     active = torch.ones(B, dtype=torch.bool, device=batch.x.device)
     orig, rows = batch, torch.arange(B, device=batch.x.device)  # rows: original index of each row
     lo = 0  # first row not yet in the cache

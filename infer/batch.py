@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from d2f.cache import KVCache
 from d2f.masks import Pattern, full
 from d2f.models.common import shift_logits
 
@@ -115,3 +116,10 @@ def drop_finished(orig: Batch, batch: Batch, rows: Tensor, active: Tensor, cache
     if cache is not None:
         cache.select(keep)
     return batch.select(keep), rows[keep], keep
+
+
+def new_cache(model, batch: int, length: int) -> KVCache:
+    """The KV cache a decoder uses: the model's own when it brings one (`infer.graphs.StaticForward`
+    keeps one with static shapes, for CUDA graphs), else a fresh `KVCache` of `length` rows."""
+    make = getattr(model, "make_cache", None)
+    return make(batch, length) if make is not None else KVCache.for_model(model, batch, length)

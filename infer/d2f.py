@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from d2f.cache import KVCache
 from d2f.masks import block_causal
-from infer.batch import Batch, answer_done, drop_finished, forward_logits
+from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache
 from infer.sampling import commit_threshold, predict
 from infer.steps import StepLog
 
@@ -57,7 +56,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     NB = G // Bs
     dev = batch.x.device
     pattern = block_causal(P, Bs, batch.key_valid)
-    cache = KVCache.for_model(model, B, L) if use_cache else None
+    cache = new_cache(model, B, L) if use_cache else None
 
     # Block state, (B, NB) bool each. Block 0 (the first answer block) starts added and fully
     # activated: its predecessor is the prompt.
@@ -70,11 +69,17 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     active = ~answer_done(batch.answer(), mask_id, eos_id)
     orig, rows = batch, torch.arange(B, device=dev)  # rows: original index of each row
 
-    while active.any():
+    while True:
         # ---- 1. forward the union window of the decoding samples --------------------------
         n_added = added.sum(-1)  # (B,)
-        lo = int(exact_end[active].min()) if use_cache else 0
-        hi = P + int(n_added[active].max()) * Bs
+        # One read of the device's state per step (a host sync): is any sample decoding, and the
+        # union window's bounds. Everything else stays on the device.
+        decoding, lo, top = torch.stack([active.any().long(), torch.where(active, exact_end, L).min(),
+                                         torch.where(active, n_added, 0).max()]).tolist()
+        if not decoding:
+            break
+        lo = lo if use_cache else 0
+        hi = P + top * Bs
         logits, start = forward_logits(model, batch, lo, hi, max(lo, P), pattern, cache)
         # Everything finished before this forward has now been written with its final tokens.
         n_fin = finished.long().cumprod(-1).sum(-1)  # (B,) leading finished blocks

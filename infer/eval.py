@@ -284,6 +284,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--cuda-graphs", action="store_true", help="static shapes, each forward one CUDA-graph replay "
+                                                              "(infer.graphs; same tokens, fewer launches)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.shots = P.default_shots(args.data)
     problems = load_problems(args.data, args.split, args.limit)
     model, tokenizer = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                            cuda_graphs=args.cuda_graphs,
                             tokenizer=args.tokenizer)
     prompts = make_prompts(tokenizer, problems, args.shots, args.data, args.chat, args.shot_seed, args.shots_from)
     data_name = Path(args.data).stem if args.data not in ("testbed", "real100", "hub") else args.data

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from d2f.cache import KVCache
-from infer.batch import Batch, answer_done, drop_finished, forward_logits
+from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog
 
@@ -47,7 +46,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     B, Bs = batch.x.shape[0], cfg.block_size
     n_blocks = G // Bs
     pattern = batch.full_pattern()
-    cache = None if cfg.cache == "none" else KVCache.for_model(model, B, L)
+    cache = None if cfg.cache == "none" else new_cache(model, B, L)
     rule = commit_rule(cfg)
     active = ~answer_done(batch.answer(), mask_id, eos_id)
     orig, rows = batch, torch.arange(B, device=batch.x.device)  # rows: original index of each row

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--cuda-graphs", action="store_true", help="static shapes, each forward one CUDA-graph replay "
+                                                              "(infer.graphs; same tokens, fewer launches)")
     p.add_argument("--no-chat-template", action="store_true", help="use prompts as given")
     p.add_argument("--trace", default=None, metavar="FILE", help="write every step as JSON lines")
     p.add_argument("--no-stream", action="store_true", help="print answers only when complete")
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--batch-size must be positive, got {args.batch_size}")
     prompts = read_prompts(args)
     model, tok = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                      cuda_graphs=args.cuda_graphs,
                       tokenizer=args.tokenizer)
     if tok is None:
         raise SystemExit(f"no tokenizer found for model {args.model!r}; pass --tokenizer")

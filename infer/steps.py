@@ -16,11 +16,17 @@ from torch import Tensor
 class StepLog:
     def __init__(self, batch_size: int, trace: bool = False, on_step: Callable | None = None,
                  sample_ids: list[int] | None = None):
-        self.nfe = [0] * batch_size
+        self.batch_size = batch_size
+        self._nfe: Tensor | None = None  # (batch_size,) long, on the decoder's device
         self.forwards = 0
         self.records: list[list[dict]] | None = [[] for _ in range(batch_size)] if trace else None
         self.on_step = on_step
         self.sample_ids = sample_ids if sample_ids is not None else list(range(batch_size))
+
+    @property
+    def nfe(self) -> list[int]:
+        """Forwards charged to each sample (read once, after decoding: a host sync)."""
+        return self._nfe.tolist() if self._nfe is not None else [0] * self.batch_size
 
     def __call__(self, answer: Tensor, active: Tensor, committed: Tensor | None = None,
                  info: list[dict] | dict | None = None, forward: tuple[int, int] | None = None,
@@ -29,18 +35,26 @@ class StepLog:
         that were decoding during this forward; committed (b, G) bool: positions committed now;
         info: per-sample (list) or shared (dict) extra fields for the trace (block states...);
         forward: the buffer range [lo, hi) this forward covered; rows (b,): which samples of the
-        original batch these rows are, when a decoder dropped finished samples (default: all)."""
+        original batch these rows are, when a decoder dropped finished samples (default: all).
+
+        Without a trace or an on_step hook nothing here waits for the device: the NFE count
+        stays on it, so a decode step costs no host synchronisation for its bookkeeping."""
         self.forwards += 1
+        if self._nfe is None:
+            self._nfe = torch.zeros(self.batch_size, dtype=torch.long, device=active.device)
+        idx = rows if rows is not None else torch.arange(len(active), device=active.device)
+        self._nfe.index_add_(0, idx, active.long())
+        if self.records is None and self.on_step is None:
+            return
         act = active.tolist()
-        ids = rows.tolist() if rows is not None else list(range(len(act)))
-        for i, a in zip(ids, act):
-            self.nfe[i] += int(a)
+        ids = idx.tolist()
         if self.records is not None:
+            nfe = self.nfe
             pos = [[] for _ in act] if committed is None else [r.nonzero()[:, 0].tolist() for r in committed]
             for j, (i, a) in enumerate(zip(ids, act)):
                 if not a:
                     continue
-                rec = {"step": self.nfe[i], "committed": pos[j],
+                rec = {"step": nfe[i], "committed": pos[j],
                        "tokens": answer[j, pos[j]].tolist() if pos[j] else []}
                 if forward is not None:
                     rec["forward"] = list(forward)

@@ -2,7 +2,8 @@
 
     logits = model(input_ids, position_ids=None, mask=None, cache=None, offset=0)
 
-- input_ids (B, T) sit at buffer indices [offset, offset + T).
+- input_ids (B, T) sit at buffer indices [offset, offset + T); offset is an int, or a 0-dim device
+  tensor with a `d2f.cache.StaticKVCache` (static shapes for CUDA graphs, `infer.graphs`).
 - position_ids (B, T) feed RoPE; default offset + arange(T). Left-padded batches pass
   per-sample positions so that every sample sees the same relative positions as alone.
 - mask: None (full attention, or causal for an `is_causal` model), a `d2f.masks.Pattern`
@@ -64,7 +65,7 @@ class DiffusionLM(nn.Module):
         B, T = input_ids.shape
         cfg = self.config
         if position_ids is None:
-            position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+            position_ids = (torch.arange(T, device=input_ids.device) + offset).expand(B, T)
         if mask is None and cfg.is_causal:
             mask = causal()
         kv_len, k_offset = (cache.kv_len(offset, T), 0) if cache is not None else (T, offset)

@@ -61,8 +61,9 @@ class SDPABackend:
         if isinstance(mask, Pattern):
             if mask.kind == "full" and mask.key_valid is None:
                 return None
-            q_idx = torch.arange(q_offset, q_offset + q_len, device=device)
-            k_idx = torch.arange(k_offset, k_offset + kv_len, device=device)
+            # offsets are ints, or 0-dim device tensors under static shapes (d2f.cache.StaticKVCache)
+            q_idx = torch.arange(q_len, device=device) + q_offset
+            k_idx = torch.arange(kv_len, device=device) + k_offset
             return mask.dense(q_idx, k_idx)
         return mask  # an explicit (B|1, 1|H, Tq, Tk) tensor
 

@@ -89,9 +89,12 @@ def test_cli_writes_table(tmp_path):
                      "--output-dir", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    # per batch size: the modes in the order given, then transformers' generate
-    assert [(r["mode"], r["batch"]) for r in rows] == [
-        (m, b) for b in (1, 2) for m in ("d2f", "fast-dllm-dual", "ar", "hf-generate")]
+    # per batch size: the modes in the order given, each eager and under static shapes (CUDA graphs on a
+    # GPU), then transformers' generate
+    assert [(r["mode"], r["backend"], r["batch"]) for r in rows] == [
+        (m, be, b) for b in (1, 2) for m, be in (("d2f", "sdpa"), ("d2f", "sdpa+static"), ("fast-dllm-dual", "sdpa"),
+                                                 ("fast-dllm-dual", "sdpa+static"), ("ar", "sdpa"),
+                                                 ("ar", "sdpa+static"), ("hf-generate", "transformers"))]
     assert all(r["replay_ok"] in (True, None) and r["tokens_per_s"] > 0 and r["x_floor"] > 0 for r in rows)
     md = (tmp_path / "results.md").read_text()
     assert "| tiny-llada | d2f | sdpa | 2 |" in md and "transformers generate" in md

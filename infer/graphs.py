@@ -1,0 +1,173 @@
+"""Static shapes for the decode loop, so that each model forward can be one CUDA-graph replay.
+
+    from infer.graphs import StaticForward
+    fast = StaticForward(model)            # CUDA graphs on a GPU; on a CPU the same static shapes, eagerly
+    generate(fast, tok, prompts, cfg)       # any mode, the same tokens as generate(model, ...)
+
+Why: at 8B shape a forward launches about 20 kernels per layer, some 600 in all, and on the GPU
+machines we measured (`python -m infer.bench`, README) launching them cost more than running them:
+20-90 ms per forward against a 3.8 ms weight-read floor. A captured graph launches them all at once.
+
+How, without touching the decoders:
+- The decoders ask the model for their KV cache (`infer.batch.new_cache`) and get a
+  `d2f.cache.StaticKVCache` of `length + ROOM` rows that lives as long as this wrapper (captured
+  graphs hold its buffers). Every forward attends to all of its rows.
+- Keys are the rows written so far, as with a plain `KVCache`: the pattern is extended to the
+  whole cache with every row past the highest row written (and past the decoder's buffer) hidden
+  (`key_valid`, an input of the graph like the ids and the offset).
+- A forward of T rows at buffer offset o runs as a window of W rows, W the smallest bucket >= T
+  that fits, with the write offset a device tensor: one graph per (batch, W, pattern), replayed at
+  any offset. The extra rows are padding, computed and discarded. A window is padded only when it
+  reaches past every row written so far, so its padding rows stay hidden like any unwritten row
+  until a later forward writes them for real. D2F's and AR's windows grow, so they are padded;
+  Fast-dLLM's dual-cache steps (the block, inside rows written at the block start) run at T = W.
+- Decoders run with `compact=False` (the batch keeps its size; `infer.api.generate` sets it).
+
+Forwards without a cache (vanilla, the D2F reference) have static shapes already and are captured
+as they are. Attention is SDPA with the dense mask (the Triton and flex backends take int offsets).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from d2f.cache import StaticKVCache
+from d2f.masks import Pattern
+
+BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+ROOM = 64  # cache rows past the decoder's buffer, so short windows near its end can still be padded
+
+
+class StaticForward(nn.Module):
+    static_shapes = True
+
+    def __init__(self, model, graphs: bool | None = None, buckets=BUCKETS):
+        super().__init__()
+        backend = getattr(model.attn_backend, "name", type(model.attn_backend).__name__)
+        if backend != "sdpa":
+            raise ValueError(f"StaticForward needs the sdpa attention backend, the model uses {backend!r}: "
+                             "kernels.set_backend(model, 'sdpa') first")
+        self.model, self.config = model, model.config
+        device = next(model.parameters()).device
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        if self.graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {device}")
+        self.buckets = tuple(sorted(buckets))
+        self.cache: StaticKVCache | None = None
+        self.length = 0  # the decoder's buffer length (rows past it are hidden)
+        self.written = 0  # rows [0, written) have been written this decode; the rest are hidden
+        self._captured: dict[tuple, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    # ---- the decoders' side -----------------------------------------------------------------
+    def make_cache(self, batch: int, length: int) -> StaticKVCache:
+        """The decoder's KV cache for a buffer of `length` rows, reused (zeroed) while its shape fits."""
+        rows = length + ROOM
+        c = self.cache
+        if c is None or c.k[0].shape[0] != batch or c.max_len < rows:
+            if c is not None:  # graphs captured on the old buffers are useless now
+                self._captured.clear()
+            dtype = next(self.model.parameters()).dtype
+            # rounded up generously: a slightly longer prompt next call reuses the buffers and graphs
+            self.cache = c = StaticKVCache.for_model(self.model, batch, -(-rows // 256) * 256, dtype=dtype)
+        for t in c.k + c.v:
+            t.zero_()
+        self.length = length
+        self.written = 0
+        return c
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, mask=None, cache=None,
+                offset: int = 0) -> Tensor:
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=input_ids.device) + offset).expand(B, T)
+        if cache is None:  # no cache: the shapes are those of the call, nothing to pad
+            W, rows = T, offset + T
+        else:
+            if cache is not self.cache:
+                raise ValueError("StaticForward runs only with the cache it made (make_cache)")
+            rows = cache.max_len
+            # Pad only past every row written so far: the extra rows are then hidden like any row not
+            # written yet, whatever the pattern, until a later call writes them for real.
+            W = self._bucket(T, rows - offset) if offset + T >= self.written else T
+            self.written = max(self.written, offset + T)
+        pattern = self._pattern(mask, B, rows, input_ids.device)
+        key = (B, W, pattern.kind, pattern.block_size, cache is None, offset if cache is None else None)
+        if self.graphs:
+            out = self._replay(key, input_ids, position_ids, pattern, cache, offset, W)
+        else:
+            static = self._inputs(key, pattern, input_ids.device)
+            self._fill(static, input_ids, position_ids, pattern, offset)
+            out = self._run(static, cache)
+        return out[:, :T]
+
+    # ---- internals --------------------------------------------------------------------------
+    def _bucket(self, T: int, room: int) -> int:
+        for b in self.buckets:
+            if T <= b <= room:
+                return b
+        return T
+
+    def _pattern(self, mask, B: int, rows: int, device) -> Pattern:
+        """The decoder's pattern over `rows` keys, rows past the decoder's buffer hidden."""
+        if mask is not None and not isinstance(mask, Pattern):
+            raise ValueError("StaticForward takes a d2f.masks.Pattern (or None), not an explicit mask tensor")
+        mask = mask if mask is not None else Pattern("causal" if self.config.is_causal else "full")
+        valid = torch.zeros(B, rows, dtype=torch.bool, device=device)
+        n = min(self.written, self.length) if self.cache is not None else rows
+        if mask.key_valid is not None:
+            valid[:, :n] = mask.key_valid[:, :n]
+        else:
+            valid[:, :n] = True
+        prompt = mask.prompt_len
+        if mask.kind == "block_causal":
+            prompt = torch.as_tensor(prompt, device=device).expand(B).contiguous()
+        return Pattern(mask.kind, prompt, mask.block_size, valid)
+
+    def _inputs(self, key, pattern: Pattern, device) -> dict:
+        B, W = key[0], key[1]
+        return {"ids": torch.full((B, W), self.config.mask_token_id, dtype=torch.long, device=device),
+                "pos": torch.zeros(B, W, dtype=torch.long, device=device),
+                "offset": torch.zeros((), dtype=torch.long, device=device), "int_offset": key[5],
+                "pattern": Pattern(pattern.kind, None if pattern.prompt_len is None else pattern.prompt_len.clone(),
+                                   pattern.block_size, pattern.key_valid.clone())}
+
+    def _fill(self, static: dict, ids: Tensor, pos: Tensor, pattern: Pattern, offset: int) -> None:
+        T = ids.shape[1]
+        static["ids"][:, :T].copy_(ids)
+        static["ids"][:, T:].fill_(self.config.mask_token_id)
+        static["pos"][:, :T].copy_(pos)
+        W = static["pos"].shape[1]
+        if W > T:  # padding rows continue each sample's positions
+            static["pos"][:, T:].copy_(pos[:, -1:] + torch.arange(1, W - T + 1, device=pos.device))
+        static["offset"].fill_(offset)
+        p = static["pattern"]
+        p.key_valid.copy_(pattern.key_valid)
+        if p.prompt_len is not None:
+            p.prompt_len.copy_(pattern.prompt_len)
+
+    def _run(self, static: dict, cache) -> Tensor:
+        offset = static["offset"] if cache is not None else static["int_offset"]
+        return self.model(static["ids"], position_ids=static["pos"], mask=static["pattern"], cache=cache,
+                          offset=offset)
+
+    def _replay(self, key, ids, pos, pattern, cache, offset, W) -> Tensor:
+        entry = self._captured.get(key)
+        if entry is None:
+            static = self._inputs(key, pattern, ids.device)
+            self._fill(static, ids, pos, pattern, offset)
+            # Warm up on a side stream, as capture requires. It runs this very forward, so the cache
+            # rows it writes are the ones the replay below writes again.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run(static, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._run(static, cache)
+            entry = self._captured[key] = (graph, static, out)
+        else:
+            self._fill(entry[1], ids, pos, pattern, offset)
+        entry[0].replay()
+        return entry[2]
