@@ -276,6 +276,7 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
               "machine": machine_info(cc.device, cc.dtype),
               "baseline": baseline["config"] if baseline else None,
               "results": results, "skipped": skipped}
+    report["matched"] = matched_speedups(results)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     table = markdown_table(report)
     (out_dir / "results.md").write_text(table)
@@ -318,6 +319,8 @@ def markdown_table(report: dict) -> str:
     lines.append("")
     lines.append("tokens/s: answer tokens up to and including the first EOS / wall time of the generate calls "
                  "(prompt included); NFE: forward passes per problem; answer length: tokens per answer.")
+    if report.get("matched"):
+        lines += ["", matched_table(report["matched"]).rstrip("\n")]
     reasons: dict[str, list[str]] = {}
     for sk in report["skipped"]:
         reasons.setdefault(sk["reason"], []).append(sk["config"])
@@ -359,6 +362,67 @@ def plot_pareto(results: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def interpolate_speed(curve: list[dict], accuracy: float) -> float | None:
+    """tokens/s of a sweep curve at `accuracy`, linear between the two points of its Pareto front that
+    bracket it (the front: the curve's points that none of its others beats on both axes); None
+    outside the accuracies the front spans."""
+    front = sorted(pareto_front(curve), key=lambda r: r["accuracy"])
+    for lo, hi in zip(front, front[1:] + front[-1:]):
+        if lo["accuracy"] <= accuracy <= hi["accuracy"]:
+            if hi["accuracy"] == lo["accuracy"]:
+                return max(lo["tokens_per_s"], hi["tokens_per_s"])
+            w = (accuracy - lo["accuracy"]) / (hi["accuracy"] - lo["accuracy"])
+            return lo["tokens_per_s"] + w * (hi["tokens_per_s"] - lo["tokens_per_s"])
+    return None
+
+
+def matched_speedups(results: list[dict]) -> list[dict]:
+    """Each D2F sweep against each other sweep: D2F's tokens/s over the other's at the same accuracy
+    (interpolated on the other's curve) and at the same threshold value (the same sweep value)."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("sweep"):
+            groups.setdefault(r["group"], []).append(r)
+    out = []
+    for g, curve in groups.items():
+        if curve[0]["mode"] != "d2f":
+            continue
+        for h, other in groups.items():
+            if h == g or other[0]["mode"] == "d2f":
+                continue
+            by_value = {o["sweep"]["value"]: o for o in other}
+            for r in sorted(curve, key=lambda r: r["sweep"]["value"], reverse=True):
+                at_acc = interpolate_speed(other, r["accuracy"])
+                same = by_value.get(r["sweep"]["value"])
+                out.append({"d2f": r["config"], "against": h, "value": r["sweep"]["value"], "accuracy": r["accuracy"],
+                            "tokens_per_s": r["tokens_per_s"],
+                            "other_tokens_per_s_at_accuracy": at_acc,
+                            "speedup_at_accuracy": r["tokens_per_s"] / at_acc if at_acc else None,
+                            "speedup_at_value": r["tokens_per_s"] / same["tokens_per_s"] if same else None,
+                            "other_accuracy_at_value": same["accuracy"] if same else None})
+    return out
+
+
+def matched_table(matched: list[dict]) -> str:
+    if not matched:
+        return ""
+
+    def fmt(v, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+        return "-" if v is None else f"{scale * v:{spec}}{suffix}"
+
+    lines = ["D2F against the other sweeps: at equal accuracy (the other's tokens/s interpolated on its curve's "
+             "Pareto front at D2F's accuracy; '-' outside the accuracies it reaches) and at the same threshold value.",
+             "", "| D2F point | against | D2F accuracy | D2F tokens/s | other at that accuracy | speed-up at equal "
+             "accuracy | other's accuracy at the same value | speed-up at the same value |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in matched:
+        lines.append(f"| {m['d2f']} | {m['against']} | {fmt(m['accuracy'], '.1f', 100, '%')} | "
+                     f"{fmt(m['tokens_per_s'], '.1f')} | {fmt(m['other_tokens_per_s_at_accuracy'], '.1f')} | "
+                     f"{fmt(m['speedup_at_accuracy'], '.2f', suffix='x')} | "
+                     f"{fmt(m['other_accuracy_at_value'], '.1f', 100, '%')} | {fmt(m['speedup_at_value'], '.2f', suffix='x')} |")
+    return "\n".join(lines) + "\n"
 
 
 def pareto_front(results: list[dict]) -> list[dict]:

@@ -23,9 +23,11 @@ models), a `d2f.masks.Pattern`, or an explicit boolean tensor (B|1, 1|H, T, S).
 Which backend for training? The D2F student trains on whole sequences under the block-causal
 pattern, which needs a backward pass. The Triton kernel here has none, so training stays on SDPA
 (one dense (B|1, 1, L, L) boolean mask shared by all layers; works on every device and torch
-version) or flex (compiled on CUDA, skips masked tiles in forward *and* backward). We could not measure on a
-GPU while writing this, so the training default stays SDPA and flex is opt-in;
-`kernels/bench_block_attention.py` measures the forward of all three for the decoding shapes.
+version) or flex (compiled on CUDA, skips masked tiles in forward *and* backward). Training was not
+measured on a GPU, so the training default stays SDPA and flex is opt-in.
+`kernels/bench_block_attention.py` measures the forward of all three alone, and `python -m infer.bench`
+inside the decode loop (docs/bench.md: on an H200, flex recompiled on every new window and batch size
+until dynamo's recompile limit, then ran unfused).
 """
 from __future__ import annotations
 

@@ -162,8 +162,13 @@ def test_default_config_parses_into_the_documented_rows():
     cc = C.load_config(C.CompareConfig, C.DEFAULT_CONFIG)
     rows = C.expand_rows(cc.configs)
     names = [r.name for r in rows]
-    assert names[:5] == ["teacher-vanilla", "teacher-fast-dllm-prefix", "teacher-fast-dllm-dual",
-                         "teacher-fast-dllm-dual-0.99", "student-d2f"]
+    assert names[:4] == ["teacher-vanilla", "teacher-fast-dllm-prefix", "teacher-fast-dllm-dual",
+                         "teacher-fast-dllm-dual-0.99"]
+    assert names[8] == "student-d2f"
+    # Fast-dLLM dual sweeps its threshold over the values D2F sweeps tau_conf = tau_act over
+    fast = [r for r in rows if r.group == "teacher-fast-dllm-dual-sweep"]
+    d2f = [r for r in rows if r.group == "student-d2f-sweep"]
+    assert [r.decode.threshold for r in fast] == [r.decode.tau_conf for r in d2f] == [0.999, 0.99, 0.95, 0.9]
     by_name = {r.name: r.decode for r in rows}  # D2F and its Fast-dLLM match decode at the same threshold
     assert by_name["student-d2f"].tau_conf == by_name["teacher-fast-dllm-dual-0.99"].threshold == 0.99
     assert names[-1] == "ar" and sum(r.group == "student-d2f-sweep" for r in rows) == 4
@@ -232,3 +237,27 @@ def test_pareto_front_keeps_rows_nothing_beats_on_both_axes():
             for n, a, t in [("slow-good", 0.8, 10), ("fast-ok", 0.7, 50), ("dominated", 0.6, 40), ("fastest", 0.5, 90),
                             ("tie", 0.7, 50)]]
     assert [r["config"] for r in C.pareto_front(rows)] == ["slow-good", "fast-ok", "tie", "fastest"]
+
+
+def _point(group, mode, value, acc, tps):
+    return {"config": f"{group}[{value}]", "group": group, "mode": mode, "accuracy": acc, "tokens_per_s": tps,
+            "sweep": {"param": "t", "value": value}}
+
+
+def test_matched_speedups_interpolate_on_the_other_curve():
+    fast = [_point("fast", "fast-dllm", 0.99, 0.70, 100.0), _point("fast", "fast-dllm", 0.9, 0.50, 300.0),
+            _point("fast", "fast-dllm", 0.95, 0.45, 200.0)]  # beaten by (0.50, 300) on both axes: off the front
+    d2f = [_point("d2f", "d2f", 0.99, 0.60, 400.0), _point("d2f", "d2f", 0.9, 0.40, 900.0)]
+    assert C.interpolate_speed(fast, 0.60) == pytest.approx(200.0)  # halfway between (0.5, 300) and (0.7, 100)
+    assert C.interpolate_speed(fast, 0.75) is None and C.interpolate_speed(fast, 0.45) is None
+    m = C.matched_speedups(fast + d2f + [_point("other-d2f", "d2f", 0.9, 0.1, 1.0)])
+    # every D2F sweep against every non-D2F sweep, never two D2F sweeps against each other
+    assert [(x["d2f"], x["against"]) for x in m] == [("d2f[0.99]", "fast"), ("d2f[0.9]", "fast"),
+                                                      ("other-d2f[0.9]", "fast")]
+    assert m[0]["speedup_at_accuracy"] == pytest.approx(2.0)  # 400 / 200
+    assert m[0]["speedup_at_value"] == pytest.approx(4.0) and m[0]["other_accuracy_at_value"] == 0.70
+    assert m[1]["speedup_at_accuracy"] is None  # 40% is below every Fast-dLLM point
+    assert m[1]["speedup_at_value"] == pytest.approx(3.0)
+    table = C.matched_table(m)
+    assert "| d2f[0.99] | fast | 60.0% | 400.0 | 200.0 | 2.00x | 70.0% | 4.00x |" in table
+    assert "| d2f[0.9] | fast | 40.0% | 900.0 | - | - | 50.0% | 3.00x |" in table
