@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from infer.eval import synchronize
+
 TRACES = Path(__file__).with_name("bench_traces.json")
 
 # The replayed rows: name -> DecodeConfig fields. The recording used the testbed's settings
@@ -248,21 +250,16 @@ def hf_causal_lm(model):
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def copy_gbps(device, nbytes: int) -> float:
     """Device copy bandwidth (bytes read + written per second / 1e9), median of 5."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     times = []
     for _ in range(6):
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     times = sorted(times[1:])
     return 2 * nbytes / times[len(times) // 2] / 1e9
@@ -329,6 +326,8 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
 def run_hf_generate(model, trace: dict, batch: int, n_samples: int, base_prompt: int) -> dict:
     """transformers' generate on the same weights, for the AR rows' answer lengths (no EOS: exactly
     that many tokens), against our AR decoder on the same prompts and lengths."""
+    from infer.batch import make_batch
+
     samples = trace["modes"]["ar"]["samples"][:n_samples]
     hf = hf_causal_lm(model)
     dev = next(model.parameters()).device
@@ -337,20 +336,18 @@ def run_hf_generate(model, trace: dict, batch: int, n_samples: int, base_prompt:
     for s in range(0, len(samples), batch):
         lens = [base_prompt + i for i in range(s, min(s + batch, len(samples)))]
         P = max(lens)
-        ids = torch.full((len(lens), P), model.config.pad_token_id, dtype=torch.long)
-        attn = torch.zeros(len(lens), P, dtype=torch.long)
-        for i, n in enumerate(lens):  # left padding, as our batches
-            ids[i, P - n:] = torch.tensor(prompt_tokens(model.config, n, seed=s + i))
-            attn[i, P - n:] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
+        pad = model.config.pad_token_id
+        b = make_batch([prompt_tokens(model.config, n, seed=s + i) for i, n in enumerate(lens)], 0, pad, pad, dev)
+        ids = b.x  # left-padded, as our decoders' batches
+        attn = b.key_valid.long() if b.key_valid is not None else torch.ones_like(ids)
         kw = dict(attention_mask=attn, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
         if s == 0:
             hf.generate(ids[:1], attention_mask=attn[:1], max_new_tokens=4, do_sample=False)  # warm-up
-        sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, **kw)
-        sync(dev)
+        synchronize(dev)
         wall += time.perf_counter() - t0
         n_tok += (out.shape[1] - P) * len(lens)
     del hf
