@@ -98,11 +98,16 @@ def record(out: Path, n_problems: int, modes=tuple(MODES)) -> dict:
 
 # ---- replay -------------------------------------------------------------------------------
 
-def map_tokens(tokens: list[int], trace: dict, cfg) -> list[int]:
-    """Testbed token ids -> ids of the benchmarked model: EOS to its EOS, everything else onto ids
-    that are none of its special tokens (-1, never committed, stays -1)."""
+def free_ids(cfg) -> list[int]:
+    """Token ids of the benchmarked model that are none of its special tokens (the first 4096)."""
     special = {cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id}
-    free = [i for i in range(min(cfg.vocab_size, 4096)) if i not in special]
+    return [i for i in range(min(cfg.vocab_size, 4096)) if i not in special]
+
+
+def map_tokens(tokens: list[int], trace: dict, cfg) -> list[int]:
+    """Testbed token ids -> ids of the benchmarked model: EOS to its EOS, everything else onto
+    `free_ids` (-1, never committed, stays -1)."""
+    free = free_ids(cfg)
     return [-1 if t < 0 else cfg.eos_token_id if t == trace["eos_id"] else free[t % len(free)] for t in tokens]
 
 
@@ -271,10 +276,9 @@ def weight_bytes(model) -> int:
 
 def prompt_tokens(cfg, n: int, seed: int) -> list[int]:
     """n random non-special token ids (the prompt's content does not change the cost)."""
-    special = {cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id}
+    free = free_ids(cfg)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(cfg.vocab_size, 4096), (n,), generator=g).tolist()
-    return [t if t not in special else 3 + t % 7 for t in ids]
+    return [free[i] for i in torch.randint(0, len(free), (n,), generator=g).tolist()]
 
 
 def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_prompt: int, backend: str | None,
@@ -282,6 +286,7 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
     """Replay `name`'s recorded schedules at `batch`; returns one row of the table. backend: an
     attention backend name, or "static" (SDPA under `infer.graphs.StaticForward`: CUDA graphs on a GPU)."""
     from infer.api import DecodeConfig, generate
+    from infer.batch import cut_at_eos
     from infer.graphs import StaticForward
     from kernels import set_backend
 
@@ -310,9 +315,7 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
         forwards += replay.forwards
     if backend is not None:
         set_backend(model, "sdpa")
-    want = [[t for t in tk if t >= 0] for tk in tokens]
-    eos = model.config.eos_token_id
-    want = [w[:w.index(eos) + 1] if eos in w else w for w in want]
+    want = [cut_at_eos([t for t in tk if t >= 0], model.config.eos_token_id) for tk in tokens]
     ok = all(r.token_ids == w and r.nfe == s["nfe"] for r, w, s in zip(results, want, samples))
     n_tok = sum(r.num_tokens for r in results)
     label = ("sdpa+graphs" if replay.model.graphs else "sdpa+static") if static else backend or "sdpa"
