@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from d2f.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A bad config file, key or value."""
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
@@ -80,9 +83,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return int(f)
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return tp(value)
-        except (TypeError, ValueError):
+            out = tp(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key {key!r}: expected {tp.__name__}, got {value!r}") from None
+        if not math.isfinite(out):  # no setting of ours means anything at nan or +-inf
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
@@ -133,7 +139,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: "
+                              f"{getattr(e, 'problem', None) or e}; fix the file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     data = _merge(data, parse_overrides(overrides or []))

@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from d2f.errors import UserError
+
 TESTBED_DIR = Path(os.environ.get("D2F_TESTBED", Path(__file__).resolve().parents[1] / "testbed"))
 ROLES = ("teacher", "ar", "student")
 
 
-class TestbedMissing(FileNotFoundError):
+class TestbedMissing(UserError, FileNotFoundError):
     pass
 
 

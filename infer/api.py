@@ -16,6 +16,7 @@ for that batch (prompt processing included); NFE and tokens per forward are repo
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from d2f.errors import UserError
 from infer import ar, d2f, fast_dllm, vanilla
 from infer.batch import cut_at_eos, make_batch
 from infer.steps import StepLog
@@ -35,8 +37,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
-class DecodeConfigError(ValueError):
-    pass
+class DecodeConfigError(UserError):
+    """A bad decoding setting."""
 
 
 @dataclass
@@ -68,10 +70,16 @@ class DecodeConfig:
             raise err(f"mode {self.mode!r} is not one of {MODES}")
         for name in ("max_new_tokens", "block_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise err(f"{name} must be a positive integer, got {v!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
             raise err(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("temperature", "threshold", "factor", "tau_add", "tau_act", "tau_conf"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise err(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise err(f"seed must be an integer, got {self.seed!r}")
         if not self.temperature >= 0:
             raise err(f"temperature must be >= 0, got {self.temperature!r}")
         for name in ("threshold", "tau_add", "tau_act", "tau_conf"):
@@ -157,12 +165,12 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass one or give prompts as lists of token ids")
+                raise DecodeConfigError("text prompts need a tokenizer; pass one or give prompts as lists of token ids")
             ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         else:
             ids = [int(t) for t in p]
         if not ids:
-            raise ValueError(f"prompt {i} ({p!r}) is empty: diffusion and AR decoding both need at least one "
+            raise DecodeConfigError(f"prompt {i} ({p!r}) is empty: diffusion and AR decoding both need at least one "
                              "prompt token")
         out.append(ids)
     return out
@@ -213,11 +221,11 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
     limit = max_positions(model)
     for i, p in enumerate(ids):
         if limit is not None and len(p) + cfg.max_new_tokens > limit:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {cfg.max_new_tokens} that is "
+            raise DecodeConfigError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {cfg.max_new_tokens} that is "
                              f"{len(p) + cfg.max_new_tokens} positions, over the model's max_position_embeddings "
                              f"{limit}. Shorten the prompt or lower max_new_tokens.")
     if batch_size is not None and batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise DecodeConfigError(f"batch_size must be positive, got {batch_size}")
     bs = batch_size or len(ids)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -230,7 +238,9 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
         t0 = time.perf_counter()
         fill = mask_id if cfg.mode != "ar" else pad_id
         batch = make_batch(chunk, cfg.max_new_tokens, fill, pad_id, device)
-        log = StepLog(len(chunk), trace, on_step, list(range(s, s + len(chunk))))
+        # every mode commits at least one token per forward (vanilla: exactly its steps)
+        cap = max(cfg.total_steps, cfg.max_new_tokens) + cfg.max_new_tokens // cfg.block_size + 1
+        log = StepLog(len(chunk), trace, on_step, list(range(s, s + len(chunk))), max_forwards=cap)
         with sdpa_kernel(DECODE_SDPA_KERNELS):
             DECODERS[cfg.mode](model, batch, cfg, log, generator, **kwargs)
         answers = batch.answer().tolist()
@@ -257,7 +267,7 @@ def parse_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise DecodeConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -278,11 +288,108 @@ def _is_ours(name: str) -> bool:
 
 def _load_tokenizer(path):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
+    from transformers.utils import logging
+    # a tokenizer saved beside one of our checkpoints sits next to a config.json whose model_type (llada)
+    # transformers does not know; it warns about that config, which says nothing about the tokenizer
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        logging.set_verbosity(level)
 
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def check_device(device) -> None:
+    """Refuse a device this machine does not have before anything is loaded."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DecodeConfigError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DecodeConfigError(f"device {device!r}: this machine has no CUDA GPU (torch.cuda.is_available() is "
+                                    "False); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise DecodeConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                    f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise DecodeConfigError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise DecodeConfigError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+def check_reference(what: str, ref: str | None) -> None:
+    """A model / tokenizer / adapter reference is a preset, an existing directory or a hub id (owner/name):
+    a path that does not exist is an error here, not a hub lookup."""
+    from d2f.models import PRESETS
+    if ref is None or (what == "model" and ref in PRESETS):
+        return
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return
+    if p.exists():
+        raise DecodeConfigError(f"{what} {ref!r} is a file; pass the directory that holds it")
+    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+        hint = f", a preset ({', '.join(PRESETS)})" if what == "model" else ""
+        raise DecodeConfigError(f"{what} {ref!r} does not exist: it is neither a local directory{hint} nor a hub id "
+                                "(owner/name); check the path")
+
+
+def check_hf_checkpoint(path: Path) -> None:
+    """Before transformers loads a local checkpoint: its config must be one transformers knows, and its
+    weights must be the ones that config builds (transformers would fill missing ones at random, or
+    build a default-size model from a config.json written for another architecture)."""
+    import transformers
+    from safetensors import SafetensorError, safe_open
+    from d2f.models import CheckpointError
+    try:
+        conf = transformers.AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"transformers cannot read {str(path / 'config.json')!r}: {str(e).splitlines()[0]}; "
+                              "check its model_type") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return  # .bin checkpoints: transformers checks them itself
+    found = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                found.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read weights file {str(f)!r} ({e}); it is truncated or corrupt: download "
+                                  "or copy it again") from None
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(conf)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = {k for k in expected if k.endswith("lm_head.weight")} if getattr(conf, "tie_word_embeddings", False) else set()
+    missing = sorted(k for k in expected if k not in found and k not in tied)
+    unexpected = sorted(k for k in found if k not in expected)
+    wrong = sorted(k for k in found if k in expected and found[k] != expected[k])
+    if missing or unexpected or wrong:
+        first = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                 else f"{wrong[0]!r} has shape {found[wrong[0]]}, config.json says {expected[wrong[0]]}")
+        raise CheckpointError(f"the weights in {str(path)!r} do not match its config.json (model_type "
+                              f"{conf.model_type!r}): {first} ({len(missing)} missing, {len(unexpected)} unexpected, "
+                              f"{len(wrong)} mis-shaped tensors); is config.json the one these weights were saved with?")
+
+
+def merge_adapter(m, adapter: str, model_name: str):
+    """Merge a PEFT LoRA adapter into m, after checking that it was trained on m."""
+    from peft import PeftModel
+    from d2f.models import CheckpointError
+    from d2f.models.io import check_adapter_base
+    if not (Path(adapter).expanduser() / "adapter_config.json").is_file() and Path(adapter).expanduser().is_dir():
+        raise CheckpointError(f"adapter {adapter!r} has no adapter_config.json; pass a PEFT adapter directory")
+    check_adapter_base(m, Path(adapter).expanduser(), model_name)
+    try:
+        return PeftModel.from_pretrained(m, adapter).merge_and_unload()
+    except RuntimeError as e:  # size mismatch: an adapter for another architecture or size
+        raise CheckpointError(f"adapter {adapter!r} does not fit model {model_name!r}: {str(e).splitlines()[0]} "
+                              "(trained on another model?)") from None
 
 
 def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None, device="cpu",
@@ -298,6 +405,9 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
     if mode not in MODES:
         raise DecodeConfigError(f"mode {mode!r} is not one of {MODES}")
     dt = parse_dtype(dtype)
+    check_device(device)
+    for what, ref in (("model", model), ("tokenizer", tokenizer), ("adapter", adapter)):
+        check_reference(what, ref)
     tok_path = tokenizer
     if model is None:
         role = TESTBED_ROLE[mode]
@@ -312,13 +422,15 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
     else:
         import transformers
         from packaging.version import Version
+        if Path(model).expanduser().is_dir():
+            check_hf_checkpoint(Path(model).expanduser())
         # transformers renamed torch_dtype to dtype in 4.56
         key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         m = transformers.AutoModelForCausalLM.from_pretrained(model, **{key: dt}).to(device)
     if adapter is not None:
-        from peft import PeftModel
-        m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+        m = merge_adapter(m, adapter, model)
     m.eval()
+    check_model_mode(m, mode)  # before the tokenizer loads and anything is printed
     if cuda_graphs:
         from d2f.models.base import DiffusionLM
         from infer.graphs import StaticForward

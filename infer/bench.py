@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from d2f.errors import UserError
 from infer.eval import synchronize
 
 TRACES = Path(__file__).with_name("bench_traces.json")
@@ -406,7 +407,7 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
     items = [x for x in text.split(",") if x]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
-        raise SystemExit(f"error: unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
+        raise UserError(f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
     return items
 
 
@@ -439,7 +440,7 @@ def main(argv=None) -> int:
     from infer.api import parse_dtype
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device} but torch sees no CUDA device; use --device cpu")
+        raise UserError(f"--device {device} but torch sees no CUDA device; use --device cpu")
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     shapes = parse_list(args.shapes or ("llada-8b,dream-7b" if device.startswith("cuda") else "tiny-llada,tiny-dream"),
                         SHAPES, "shape")
@@ -448,12 +449,12 @@ def main(argv=None) -> int:
     try:
         batches = sorted({int(b) for b in args.batch_sizes.split(",") if b})
     except ValueError:
-        raise SystemExit(f"error: --batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if not batches or batches[0] <= 0:
-        raise SystemExit(f"error: --batch-sizes must be positive integers, got {args.batch_sizes!r}")
+        raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
     path = Path(args.traces)
     if not path.is_file():
-        raise SystemExit(f"error: no trace file {str(path)!r}; record one with `python -m infer.bench --record`")
+        raise UserError(f"no trace file {str(path)!r}; record one with `python -m infer.bench --record`")
     trace = json.loads(path.read_text())
     n_max = min(len(trace["modes"][m]["samples"]) for m in modes)
 
@@ -526,4 +527,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

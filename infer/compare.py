@@ -230,6 +230,7 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
     if load_fn is None:
         from infer.api import load as load_fn
     rows = expand_rows(cc.configs, only)
+    check_baseline(cc.baseline, rows, cc.configs)
     if cc.threads is not None:
         import torch
 
@@ -284,6 +285,18 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
     plot_pareto(results, out_dir / "pareto.png", title=f"GSM8K ({data_name}, {len(problems)} problems, "
                                                          f"{cc.shots}-shot), {report['machine'].get('gpu') or cc.device}")
     return report
+
+
+def check_baseline(name: str | None, rows: list[Row], configs: dict) -> None:
+    """A named baseline must be a row of the config (a typo fails before an hour of decoding, not after);
+    one that --only leaves out just gives no speed-ups."""
+    if name is None or name in [r.name for r in rows] or name.split("[")[0] in configs:
+        return
+    import difflib
+    names = sorted(set(configs) | {r.name for r in rows})
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"baseline {name!r} is not a row of the config ({', '.join(names)}).{hint} Fix `baseline`")
 
 
 def pick_baseline(results: list[dict], name: str | None) -> dict | None:
@@ -462,4 +475,5 @@ def main(argv: list[str] | None = None, *, load_fn: Callable | None = None) -> d
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from d2f.errors import UserError
 from infer import prompts as P
 from infer.cli_args import add_decode_args, decode_config_from_args
 
@@ -43,7 +44,7 @@ RUN = "run.json"
 STOP_STRINGS = ("Question:",)
 
 
-class RunMismatch(ValueError):
+class RunMismatch(UserError):
     pass
 
 
@@ -53,10 +54,10 @@ def load_problems(data: str = "testbed", split: str = "test", limit: int | None 
     from d2f.data.gsm8k import load_gsm8k
 
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise UserError(f"--limit must be >= 1, got {limit}")
     problems = load_gsm8k(data, split=split, limit=limit)
     if not problems:
-        raise ValueError(f"no problems in {data!r} ({split} split)")
+        raise UserError(f"no problems in {data!r} ({split} split)")
     return problems
 
 
@@ -156,6 +157,9 @@ def check_run(out_dir: Path, meta: dict, overwrite: bool) -> None:
     if overwrite:
         for f in (pred_file, out_dir / SUMMARY):
             f.unlink(missing_ok=True)
+    elif pred_file.exists() and not run_file.exists():
+        raise RunMismatch(f"{str(out_dir)!r} holds {PREDICTIONS} but no {RUN}, so the settings they were made with "
+                          "are unknown. Pass --overwrite to start again or choose another --output-dir.")
     elif run_file.exists() and pred_file.exists():
         old = json.loads(run_file.read_text())
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
@@ -227,7 +231,7 @@ def evaluate(model, tokenizer, problems: list[dict], prompts: list[str], cfg, ou
     if len(prompts) != len(problems):
         raise ValueError(f"{len(prompts)} prompts for {len(problems)} problems")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     generate = _generate_fn(generate_fn)
     out_dir = Path(out_dir)
     meta = dict(meta or {}, decode=dataclasses.asdict(cfg), batch_size=batch_size)
@@ -309,6 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = decode_config_from_args(args)
     from infer.api import load
+    for name in ("batch_size", "limit", "threads"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.shots is not None and args.shots < 0:
+        raise UserError(f"--shots must be >= 0, got {args.shots}")
 
     if args.threads is not None:
         import torch
@@ -316,13 +326,18 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.shots is None:
         args.shots = P.default_shots(args.data)
+    data_name = Path(args.data).stem if args.data not in ("testbed", "real100", "hub") else args.data
+    out_dir = Path(args.output_dir or Path("outputs") / "eval" / f"{data_name}-{cfg.mode}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {str(out_dir)!r} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)  # fails here, before the model loads, on a read-only location
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--output-dir {str(out_dir)!r} is not writable; choose another")
     problems = load_problems(args.data, args.split, args.limit)
     model, tokenizer = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
                             cuda_graphs=args.cuda_graphs,
                             tokenizer=args.tokenizer)
     prompts = make_prompts(tokenizer, problems, args.shots, args.data, args.chat, args.shot_seed, args.shots_from)
-    data_name = Path(args.data).stem if args.data not in ("testbed", "real100", "hub") else args.data
-    out_dir = Path(args.output_dir or Path("outputs") / "eval" / f"{data_name}-{cfg.mode}")
     meta = {"model": args.model, "adapter": args.adapter, "tokenizer": args.tokenizer, "data": args.data, "split": args.split,
             "shots": args.shots, "shots_from": args.shots_from, "shot_seed": args.shot_seed,
             "chat": P.use_chat(tokenizer, args.chat), "device": args.device, "dtype": args.dtype}
@@ -338,4 +353,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from d2f.errors import UserError
 
 DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                   "How many clips did Natalia sell altogether in April and May?")
@@ -48,31 +51,52 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(args) -> list[str]:
+    """--prompt values, then the --input-file lines; the built-in example only when neither is given."""
     prompts = list(args.prompt)
     if args.input_file:
         path = Path(args.input_file)
         if not path.is_file():
-            raise SystemExit(f"--input-file {str(path)!r} does not exist")
+            raise UserError(f"--input-file {str(path)!r} does not exist")
+        n_read = 0
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not a JSON line ({e.msg}); each line must be an object with a "
+                                "'prompt' or 'question' field") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: a JSON {type(row).__name__}, expected an object with a 'prompt' or "
+                                "'question' field")
             text = row.get("prompt", row.get("question"))
-            if text is None:
-                raise SystemExit(f"{path}:{n}: no 'prompt' or 'question' field (keys: {sorted(row)})")
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"{path}:{n}: no non-empty 'prompt' or 'question' string (keys: {sorted(row)})")
             prompts.append(text)
+            n_read += 1
+        if n_read == 0:
+            raise UserError(f"--input-file {str(path)!r} holds no prompts (one JSON object per line)")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise UserError(f"prompt {i} is empty; give some text")
     return prompts or [DEFAULT_PROMPT]
 
 
+def check_output_file(path: str | None, option: str) -> None:
+    """Fail before the model loads when an output file cannot be written."""
+    if path is None:
+        return
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path!r}: the directory {str(parent)!r} does not exist; create it first")
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path!r} is a directory; give a file name")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path!r}: the directory {str(parent)!r} is not writable")
+
+
 def main(argv=None) -> int:
-    from d2f.config import ConfigError
-    from d2f.models import CheckpointError
-    from d2f.testbed import TestbedMissing
-    try:
-        return run(parse_args(argv))
-    except (TestbedMissing, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,19 +106,22 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = decode_config_from_args(args)
     if args.batch_size <= 0:
-        raise SystemExit(f"--batch-size must be positive, got {args.batch_size}")
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.show_masks and (args.batch_size != 1 or cfg.mode == "ar"):
+        raise UserError("--show-masks needs --batch-size 1 and a diffusion mode (not ar)")
     prompts = read_prompts(args)
+    check_output_file(args.trace, "--trace")
     model, tok = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
                       cuda_graphs=args.cuda_graphs,
                       tokenizer=args.tokenizer)
     if tok is None:
-        raise SystemExit(f"no tokenizer found for model {args.model!r}; pass --tokenizer")
+        raise UserError(f"no tokenizer found for model {args.model!r}; pass --tokenizer")
     texts = [format_prompt(tok, p, chat=not args.no_chat_template) for p in prompts]
     mask_id, eos_id, _ = special_ids(model, tok)
     streamer = on_step = None
     if args.show_masks:
         if args.batch_size != 1 or cfg.mode == "ar":
-            raise SystemExit("--show-masks needs --batch-size 1 and a diffusion mode (not ar)")
+            raise UserError("--show-masks needs --batch-size 1 and a diffusion mode (not ar)")
         on_step = MaskRenderer(tok, mask_id)
     elif args.batch_size == 1 and not args.no_stream:
         on_step = streamer = PrefixStreamer(tok, eos_id)
@@ -130,4 +157,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised when lm-eval is not installe
     _Base, register_model = object, None
 
 from d2f.config import from_dict
+from d2f.errors import UserError
 
 LOGLIKELIHOOD_ERROR = ("the d2f model does not support loglikelihood requests: diffusion LMs (LLaDA, Dream) have "
                        "no exact sequence likelihood, only an ELBO. Use generation tasks (e.g. --tasks gsm8k).")
@@ -78,11 +79,11 @@ class D2FLM(_Base):
         super().__init__()
         if isinstance(batch_size, str):
             if not batch_size.isdigit():
-                raise ValueError(f"d2f: batch_size must be a positive integer, got {batch_size!r} "
+                raise UserError(f"d2f: batch_size must be a positive integer, got {batch_size!r} "
                                  "('auto' is not supported)")
             batch_size = int(batch_size)
         if batch_size < 1:
-            raise ValueError(f"d2f: batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"d2f: batch_size must be >= 1, got {batch_size}")
         self.batch_size_ = batch_size
         self.cfg = from_dict(_decode_cls(), {"mode": mode, **decode}, where="d2f model_args")
         device = resolve_device(device)
@@ -92,7 +93,7 @@ class D2FLM(_Base):
             self.model, self.tokenizer = load(model, self.cfg.mode, adapter=adapter, device=device, dtype=dtype)
         else:
             if tokenizer is None:
-                raise ValueError("d2f: pass tokenizer= together with an already loaded model")
+                raise UserError("d2f: pass tokenizer= together with an already loaded model")
             self.model, self.tokenizer = model, tokenizer
         self.model_name = model if isinstance(model, str) else "testbed"
 
@@ -164,7 +165,7 @@ if register_model is not None:
 def main(argv: list[str] | None = None) -> None:
     """The lm_eval command line, with the `d2f` model registered."""
     if register_model is None:
-        raise SystemExit("lm-eval is not installed: pip install -e '.[eval]' (or pip install lm-eval)")
+        raise UserError("lm-eval is not installed: pip install -e '.[eval]' (or pip install lm-eval)")
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
@@ -173,4 +174,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import random
 
+from d2f.errors import UserError
+
 SOURCES_WITH_TRAIN = ("testbed", "hub")
 SHOT_POOL = 512  # draw shots from the first SHOT_POOL train problems (loading the whole split is not needed)
 CHAT_CHOICES = ("auto", "on", "off")
@@ -43,7 +45,7 @@ def select_shots(k: int, source: str = "testbed", exclude=(), seed: int = 1234,
                  shots_from: str | None = None) -> list[dict]:
     """k train problems, the same for every call with the same arguments."""
     if k < 0:
-        raise ValueError(f"the number of shots must be >= 0, got {k}")
+        raise UserError(f"the number of shots must be >= 0, got {k}")
     if k == 0:
         return []
     from d2f.data.gsm8k import load_gsm8k
@@ -55,7 +57,7 @@ def select_shots(k: int, source: str = "testbed", exclude=(), seed: int = 1234,
     excluded = {_norm(q) for q in exclude}
     pool = [p for p in pool if _norm(p["question"]) not in excluded]
     if len(pool) < k:
-        raise ValueError(f"cannot draw {k} shots from {src!r} ({split} split): only {len(pool)} problems are "
+        raise UserError(f"cannot draw {k} shots from {src!r} ({split} split): only {len(pool)} problems are "
                          "left after removing the evaluated ones. Use fewer --shots or another --shots-from.")
     return random.Random(seed).sample(pool, k)
 
@@ -84,7 +86,7 @@ def use_chat(tokenizer, chat: str | bool) -> bool:
     if isinstance(chat, bool):
         return chat
     if chat not in CHAT_CHOICES:
-        raise ValueError(f"chat must be one of {CHAT_CHOICES}, got {chat!r}")
+        raise UserError(f"chat must be one of {CHAT_CHOICES}, got {chat!r}")
     if chat == "on" and not has_chat_template(tokenizer):
         raise ValueError("chat='on' but the tokenizer has no chat_template; use chat='off' for a base model")
     return has_chat_template(tokenizer) if chat == "auto" else chat == "on"

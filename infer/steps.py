@@ -12,11 +12,21 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from d2f.errors import UserError
+
+
+class DecodeStalled(UserError, RuntimeError):
+    """Decoding went on past the forwards its budget can need: the model commits nothing usable."""
+
 
 class StepLog:
     def __init__(self, batch_size: int, trace: bool = False, on_step: Callable | None = None,
-                 sample_ids: list[int] | None = None):
+                 sample_ids: list[int] | None = None, max_forwards: int | None = None):
         self.batch_size = batch_size
+        # A decoder that commits at least one token per forward ends within its budget's forwards; one
+        # whose model predicts nothing committable (NaN logits, a mask id that is not the model's) would
+        # loop forever, so past this many forwards decoding stops with an error instead.
+        self.max_forwards = max_forwards
         self._nfe: Tensor | None = None  # (batch_size,) long, on the decoder's device
         self.forwards = 0
         self.records: list[list[dict]] | None = [[] for _ in range(batch_size)] if trace else None
@@ -40,6 +50,10 @@ class StepLog:
         Without a trace or an on_step hook nothing here waits for the device: the NFE count
         stays on it, so a decode step costs no host synchronisation for its bookkeeping."""
         self.forwards += 1
+        if self.max_forwards is not None and self.forwards > self.max_forwards:
+            raise DecodeStalled(f"decoding made no progress: {self.forwards} forwards, more than the {self.max_forwards} "
+                                "its budget can need; the model commits nothing usable (NaN logits? a mask_token_id "
+                                "that is not the model's mask token?); check the checkpoint, its dtype and its config")
         if self._nfe is None:
             self._nfe = torch.zeros(self.batch_size, dtype=torch.long, device=active.device)
         idx = rows if rows is not None else torch.arange(len(active), device=active.device)

@@ -205,4 +205,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

@@ -82,4 +82,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

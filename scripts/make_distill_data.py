@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from d2f.errors import UserError  # noqa: E402
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,7 +55,7 @@ def load_prompts(args) -> list[dict]:
     """[{"question", optional "reference", optional "final"}] -- checked before any decoding."""
     if args.source == "testbed":
         if not args.n:
-            raise SystemExit("--source testbed needs --n (how many train problems to generate)")
+            raise UserError("--source testbed needs --n (how many train problems to generate)")
         from d2f.data.gsm import make_problems
         return [{"question": p["question"], "reference": p["answer"], "final": p["final"]}
                 for p in make_problems("train", args.n, seed=args.seed)]
@@ -62,7 +64,7 @@ def load_prompts(args) -> list[dict]:
     first = records[0]
     pf = args.prompt_field or next((f for f in ("prompt", "question") if f in first), None)
     if pf is None or pf not in first:
-        raise SystemExit(f"{args.source!r} has no prompt field {args.prompt_field or ['prompt', 'question']}; "
+        raise UserError(f"{args.source!r} has no prompt field {args.prompt_field or ['prompt', 'question']}; "
                          f"records have {sorted(first)} (set --prompt-field)")
     af = next((f for f in ANSWER_FIELDS if f in first), None)
     if af:
@@ -75,14 +77,14 @@ def main(argv=None) -> None:
     try:
         from infer.api import DecodeConfig, format_prompt, generate, load
     except ImportError as e:
-        raise SystemExit(f"the inference engine is not installed ({e}); it lives in infer/ of this repository: "
+        raise UserError(f"the inference engine is not installed ({e}); it lives in infer/ of this repository: "
                          "run from the repository root with `pip install -e .`") from None
     problems = load_prompts(args)
     cfg = DecodeConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size)
     cfg.validate()
     model, tok = load(args.model, mode=args.mode, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     if tok is None:
-        raise SystemExit(f"no tokenizer found for {args.model!r}; pass --tokenizer")
+        raise UserError(f"no tokenizer found for {args.model!r}; pass --tokenizer")
     from d2f.data.extract import is_correct
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,4 +118,5 @@ def _ends_with_eos(result, model) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

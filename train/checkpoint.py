@@ -5,7 +5,7 @@ continue a run bit-for-bit:
 
     model files        whatever the recipe's `save_model(dir)` writes (e.g. a PEFT adapter)
     optimizer.pt       optimizer state        (plain / DDP runs; DeepSpeed: its own files)
-    scheduler.pt       LR scheduler state     (plain / DDP runs; DeepSpeed: scheduler.bin)
+    scheduler.pt       LR scheduler state     (every run: the recipes keep it out of accelerate.prepare)
     rng_state_<r>.pt   python / numpy / torch / cuda RNG of rank r (DeepSpeed: random_states_<r>.pkl)
     generators_<r>.pt  the states of the recipe's own torch.Generators on rank r (e.g. the one that
                        draws diffusion masks), when it passes any
@@ -17,7 +17,7 @@ them are done does the main process rename it to `checkpoint-<step>`. A run kill
 leaves a `.tmp-*` directory that `latest_checkpoint` ignores (and the next save removes), so
 resuming always starts from a complete checkpoint.
 
-With DeepSpeed the model/optimizer/scheduler/RNG go through `accelerator.save_state` /
+With DeepSpeed the model/optimizer/RNG go through `accelerator.save_state` /
 `load_state` (ZeRO partitions the optimizer state across ranks); frozen parameters are left out
 (`exclude_frozen_parameters`), so a LoRA checkpoint of an 8B model stays small.
 """
@@ -141,8 +141,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_mode
     else:
         if accelerator.is_main_process:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:  # the recipes keep the scheduler out of accelerate.prepare (see distill.py)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if generators:
         torch.save({k: g.get_state() for k, g in generators.items()}, tmp / f"generators_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
@@ -173,12 +174,12 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, *, load_model: Callable[[
     else:
         load_model(ckpt_dir)
         optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=False))
-        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", map_location="cpu", weights_only=False))
         rng_file = ckpt_dir / f"rng_state_{accelerator.process_index}.pt"
         if not rng_file.is_file():
             raise FileNotFoundError(f"{str(rng_file)!r} is missing: the checkpoint was written by a run with "
                                     "fewer processes; resume with the same number of processes")
         set_rng_state(torch.load(rng_file, weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", map_location="cpu", weights_only=False))
     if generators:
         gen_file = ckpt_dir / f"generators_{accelerator.process_index}.pt"
         saved = torch.load(gen_file, weights_only=False) if gen_file.is_file() else {}
@@ -189,3 +190,66 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, *, load_model: Callable[[
         for k, g in generators.items():
             g.set_state(saved[k])
     return json.loads((ckpt_dir / STATE_NAME).read_text())
+
+
+# ---- resuming under a changed config ------------------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resume_changes(ckpt_dir: str | Path, config, fixed: tuple[str, ...]) -> dict[str, tuple]:
+    """Compare this run's config with the one saved in the checkpoint. A changed key under one of `fixed`
+    (model, data, objective, ...) is an error: the result would be neither run. Every other change is
+    returned, {dotted key: (saved, now)}, for the recipe to apply (`apply_optimizer_settings`) and log."""
+    import yaml
+    from d2f.config import ConfigError, to_dict
+    saved_file = Path(ckpt_dir) / "config.yaml"
+    if not saved_file.is_file():
+        return {}
+    saved, now = _flatten(yaml.safe_load(saved_file.read_text()) or {}), _flatten(to_dict(config))
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    bad = {k: v for k, v in changed.items() if k.split(".")[0] in fixed}
+    if bad:
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in bad.items())
+        raise ConfigError(f"cannot resume {str(ckpt_dir)!r} with a different setup ({what}): the result would be "
+                          "neither run. Keep those settings, or start a new run in a new output_dir "
+                          "(init_from the checkpoint where the recipe has it)")
+    return changed
+
+
+def apply_optimizer_settings(optimizer, scheduler, lr: float, weight_decays: list[float], **group_settings) -> None:
+    """After restoring a checkpoint: this run's lr, weight decay, betas, eps (which the restored
+    optimizer and scheduler states would otherwise override) in every parameter group and in the
+    schedule, so a changed setting applies everywhere from the next step on."""
+    groups = optimizer.param_groups
+    for g, wd in zip(groups, weight_decays):
+        g["weight_decay"] = wd
+        g.update(group_settings)
+    scheduler.base_lrs = [lr] * len(groups)
+    last = [lr * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for g, v in zip(groups, last):
+        g["lr"] = v
+    scheduler._last_lr = last
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Keep the lines of a metrics.jsonl up to `step` (a resumed run redoes the steps after its
+    checkpoint), so the file stays one line per step."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

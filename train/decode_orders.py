@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from d2f.config import ConfigError  # noqa: E402
+
 
 @torch.no_grad()
 def decode_orders(model, prompts: list[list[int]], references: list[list[int]], gen_len: int, block_size: int,
@@ -43,16 +45,16 @@ def decode_orders(model, prompts: list[list[int]], references: list[list[int]], 
     from infer.vanilla import decode
 
     if gen_len % block_size:
-        raise ValueError(f"block_size {block_size} does not divide gen_len {gen_len}")
+        raise ConfigError(f"block_size {block_size} does not divide gen_len {gen_len}")
     n_blocks = gen_len // block_size
     if steps > gen_len:  # a step that commits nothing would leave states with no slot to train on
-        raise ValueError(f"steps {steps} is more than gen_len {gen_len}; vanilla decoding commits at least one "
+        raise ConfigError(f"steps {steps} is more than gen_len {gen_len}; vanilla decoding commits at least one "
                          f"token per step")
     if steps % n_blocks:
-        raise ValueError(f"steps {steps} is not a multiple of the number of blocks {n_blocks}")
+        raise ConfigError(f"steps {steps} is not a multiple of the number of blocks {n_blocks}")
     bad = [i for i, r in enumerate(references) if len(r) != gen_len]
     if bad:
-        raise ValueError(f"reference {bad[0]} has {len(references[bad[0]])} tokens, not gen_len={gen_len}")
+        raise ConfigError(f"reference {bad[0]} has {len(references[bad[0]])} tokens, not gen_len={gen_len}")
     cfg = DecodeConfig(mode="vanilla", max_new_tokens=gen_len, block_size=block_size, steps=steps)
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), gen_len, dtype=torch.long)
@@ -91,7 +93,7 @@ def load_decode_orders(path: str | Path) -> dict:
     d = torch.load(path, map_location="cpu", weights_only=True)
     missing = {"orders", "references", "gen_len", "block_size", "steps", "num_problems", "seed"} - set(d)
     if missing:
-        raise ValueError(f"{str(path)!r} is not a decode_orders file (missing {sorted(missing)})")
+        raise ConfigError(f"{str(path)!r} is not a decode_orders file (missing {sorted(missing)})")
     return d
 
 
@@ -104,7 +106,7 @@ class DecodeStates:
 
     def __init__(self, d: dict, prompts: list[list[int]], mask_id: int, pad_id: int):
         if len(prompts) != len(d["orders"]):
-            raise ValueError(f"{len(prompts)} prompts for {len(d['orders'])} recorded problems")
+            raise ConfigError(f"{len(prompts)} prompts for {len(d['orders'])} recorded problems")
         self.orders, self.refs, self.prompts = d["orders"], d["references"], prompts
         self.block_size, self.steps = d["block_size"], d["steps"]
         self.spb = self.steps // (d["gen_len"] // self.block_size)
@@ -182,4 +184,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

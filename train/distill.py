@@ -43,7 +43,8 @@ from d2f import masks  # noqa: E402
 from d2f.config import ConfigError, load_config, save_config  # noqa: E402
 from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
 from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402
-from train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint  # noqa: E402
+from train.checkpoint import (apply_optimizer_settings, load_checkpoint, resume_changes, resume_checkpoint,  # noqa: E402
+                              save_checkpoint, truncate_metrics)
 from train.schedule import KINDS, warmup_then_decay  # noqa: E402
 
 # LoRA targets of the public D2F recipe: the attention projections, by our (= the public
@@ -152,8 +153,34 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"lora.r must be > 0, got {cfg.lora.r}")
     if o.schedule not in KINDS:
         raise ConfigError(f"optim.schedule {o.schedule!r} is not one of {KINDS}")
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas needs two values, got {o.betas}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas needs two values in [0, 1), got {o.betas}")
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps must be > 0, got {o.eps}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if not o.grad_clip > 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 (the largest gradient norm), got {o.grad_clip}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if cfg.lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be > 0, got {cfg.lora.alpha}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if d.limit is not None and d.limit <= 0:
+        raise ConfigError(f"data.limit must be > 0 (or null for all), got {d.limit}")
+    for name in ("log_every",):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("save_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    e = cfg.eval
+    if e.every < 0 or (e.every > 0 and (e.num_prompts <= 0 or e.max_new_tokens <= 0)):
+        raise ConfigError(f"eval needs every >= 0, and num_prompts > 0 and max_new_tokens > 0 when on; got every="
+                          f"{e.every}, num_prompts={e.num_prompts}, max_new_tokens={e.max_new_tokens}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not one of float32, bfloat16, float16")
 
@@ -332,8 +359,11 @@ def add_lora(model, cfg: LoraSection, targets: list[str], base_name: str):
 
 
 def save_adapter(peft_model, adapter_dir: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors (LoRA weights only, the embedding is untouched)."""
+    """adapter_config.json + adapter_model.safetensors (LoRA weights only, the embedding is untouched),
+    and d2f_base.json: a fingerprint of the base, so the adapter is never merged into another model."""
+    from d2f.models.io import write_base_fingerprint
     peft_model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+    write_base_fingerprint(peft_model.get_base_model(), adapter_dir, peft_model.peft_config["default"].base_model_name_or_path)
 
 
 def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
@@ -406,28 +436,15 @@ def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
     return run
 
 
-def find_resume_checkpoint(cfg: DistillConfig) -> Path | None:
-    """The checkpoint to continue from (None = fresh start), checked against this config."""
+# what a resumed run must share with its checkpoint (the rest may change: run length, logging, eval, and
+# the optimizer settings, which are applied to the restored optimizer and schedule)
+RESUME_FIXED = ("model", "lora", "data", "noise", "seed", "batch_size", "grad_accum")
+
+
+def find_resume_checkpoint(cfg: DistillConfig) -> tuple[Path | None, dict]:
+    """The checkpoint to continue from (None = fresh start) and the settings changed since it."""
     ckpt = resume_checkpoint(cfg.output_dir, cfg.resume)
-    if ckpt is not None:
-        check_resume_config(cfg, ckpt)
-    return ckpt
-
-
-def check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
-    """Refuse to continue a checkpoint under a different model / data / noise / batch setup:
-    the result would be neither run. (Run length, logging, eval and optimizer may change.)"""
-    import yaml
-    from d2f.config import to_dict
-    saved_file = ckpt / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved, now = yaml.safe_load(saved_file.read_text()), to_dict(cfg)
-    fixed = ("model", "lora", "data", "noise", "seed", "batch_size", "grad_accum")
-    diff = [k for k in fixed if saved.get(k) != now.get(k)]
-    if diff:
-        raise ConfigError(f"cannot resume {str(ckpt)!r}: its {diff} differ from this run's config "
-                          f"(saved {[saved.get(k) for k in diff]}); use a new output_dir")
+    return ckpt, (resume_changes(ckpt, cfg, RESUME_FIXED) if ckpt is not None else {})
 
 
 # =============================================================================================
@@ -448,6 +465,7 @@ def main(argv=None) -> dict:
     # ---- 1. everything that can be wrong with the input, before any compute -----------------
     validate(cfg)
     check_model_source(cfg.model.base)
+    ckpt, changed = find_resume_checkpoint(cfg)
     records = read_records(cfg.data.source, cfg.data.split, cfg.data.limit)
     pf, af = resolve_fields(records, cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field)
     from d2f.models import load_model, preset_config, PRESETS
@@ -461,7 +479,6 @@ def main(argv=None) -> dict:
     tok_name = tokenizer_source(cfg.model)
     tokenizer = load_tokenizer(tok_name) if tok_name and (pf != "prompt_ids" or cfg.eval.every > 0) else None
     pairs = tokenize(records, pf, af, tokenizer, cfg.data.chat_template, cfg.data.answer_end)
-    ckpt = find_resume_checkpoint(cfg)
     ids_all, plen_all, dropped = build_sequences(pairs, cfg.data.max_length, cfg.noise.block_size, mcfg.eos_token_id)
 
     # ---- 2. processes, model, optimizer ------------------------------------------------------
@@ -496,7 +513,10 @@ def main(argv=None) -> dict:
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = warmup_then_decay(optimizer, o.warmup_steps, cfg.max_steps, o.schedule)
-    model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    # The scheduler stays out of `prepare`: accelerate's wrapper steps it once per process per optimizer
+    # step (it assumes the lr schedule is written for one process), so a cosine schedule would reach its
+    # end after max_steps / num_processes steps. It is stepped below, once per optimizer step.
+    model, optimizer = accelerator.prepare(peft_model, optimizer)
     peft_model = accelerator.unwrap_model(model)
     logits_shift = peft_model.get_base_model().config.logits_shift
     mask_id, eos_id = mcfg.mask_token_id, mcfg.eos_token_id
@@ -507,8 +527,11 @@ def main(argv=None) -> dict:
         state = load_checkpoint(accelerator, ckpt, load_model=lambda d: load_adapter_weights(peft_model, d),
                                 optimizer=optimizer, scheduler=scheduler)
         step, micro = state["step"], state["micro"]
+        apply_optimizer_settings(optimizer, scheduler, o.lr, [o.weight_decay], betas=tuple(o.betas), eps=o.eps)
         if main_proc:
-            print(f"[distill] resumed from {ckpt} at step {step}")
+            truncate_metrics(out_dir / "metrics.jsonl", step)
+            print(f"[distill] resumed from {ckpt} at step {step}"
+                  + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
     def save(at_step: int):
         save_checkpoint(accelerator, out_dir, at_step, save_model=lambda d: save_adapter(peft_model, d),
@@ -540,8 +563,9 @@ def main(argv=None) -> dict:
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, o.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                optimizer.step()  # the prepared optimizer skips the micro-batches that only accumulate
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             micro += 1
             tokens += ids.numel() * world
@@ -593,4 +617,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

@@ -28,6 +28,8 @@ it from the newest one, so the resumed run continues with the same losses.
 """
 from __future__ import annotations
 
+import json
+import math
 import random
 import sys
 import time
@@ -40,10 +42,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from d2f.config import load_config, save_config  # noqa: E402
+from d2f.config import ConfigError, load_config, save_config  # noqa: E402
 from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
 from train.accelerator import make_accelerator  # noqa: E402
-from train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint  # noqa: E402
+from train.checkpoint import (apply_optimizer_settings, load_checkpoint, resume_changes, resume_checkpoint,  # noqa: E402
+                              save_checkpoint, truncate_metrics)
 from train.schedule import warmup_then_decay  # noqa: E402
 
 OBJECTIVES = ("llada_sft", "causal")
@@ -67,6 +70,12 @@ class DataSpec:
     answer_len: int = 112  # answers (+ EOS) padded with EOS to this many tokens
 
 
+# what a resumed run must share with its checkpoint; the rest may change (run length, logging, and the
+# optimizer settings, which are applied to the restored optimizer and schedule)
+RESUME_FIXED = ("objective", "tokenizer", "model", "data", "batch_size", "seed", "mask_eps", "clean_prefix_frac",
+                "decode_orders", "decode_order_frac", "semi_ar_frac", "semi_ar_block", "mixed_precision")
+
+
 @dataclass
 class PretrainConfig:
     objective: str = "llada_sft"
@@ -87,6 +96,8 @@ class PretrainConfig:
     clean_prefix_frac: float = 0.0  # llada_sft: share of each batch predicting each answer token from its clean prefix
     decode_orders: str = ""  # llada_sft: a train/decode_orders.py file (states vanilla decoding visits)
     decode_order_frac: float = 0.0  # llada_sft: share of each batch trained on those states
+    semi_ar_frac: float = 0.0  # llada_sft: share of each batch in semi-autoregressive decoding states (full attention)
+    semi_ar_block: int = 32  # llada_sft: the block length of those states (vanilla decoding's block size)
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
@@ -105,34 +116,60 @@ class PretrainConfig:
 
     def validate(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+            raise ConfigError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.save_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"save_dtype {self.save_dtype!r} must be 'float32' or 'bfloat16'")
+            raise ConfigError(f"save_dtype {self.save_dtype!r} must be 'float32' or 'bfloat16'")
+        for name in ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "min_lr_ratio", "mask_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 (the largest gradient norm), got {self.grad_clip}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.keep_checkpoints < 0 or self.time_limit_minutes < 0 or self.num_threads < 0:
+            raise ConfigError("keep_checkpoints, time_limit_minutes and num_threads must be >= 0, got "
+                              f"{self.keep_checkpoints}, {self.time_limit_minutes}, {self.num_threads}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision {self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
         if not 0 < self.mask_eps < 1:
-            raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
-        for name in ("clean_prefix_frac", "decode_order_frac"):
+            raise ConfigError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
+        for name in ("clean_prefix_frac", "decode_order_frac", "semi_ar_frac"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.clean_prefix_frac + self.decode_order_frac > 1:
-            raise ValueError(f"clean_prefix_frac + decode_order_frac must be <= 1 (shares of one batch), got "
-                             f"{self.clean_prefix_frac} + {self.decode_order_frac}")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.clean_prefix_frac + self.decode_order_frac + self.semi_ar_frac > 1:
+            raise ConfigError(f"clean_prefix_frac + decode_order_frac + semi_ar_frac must be <= 1 (shares of one "
+                             f"batch), got {self.clean_prefix_frac} + {self.decode_order_frac} + {self.semi_ar_frac}")
+        if self.semi_ar_block <= 0:
+            raise ConfigError(f"semi_ar_block must be > 0, got {self.semi_ar_block}")
         n_order, n_prefix = self.n_decode_states, round(self.batch_size * self.clean_prefix_frac)
+        n_semi = round(self.batch_size * self.semi_ar_frac)
+        if n_order + n_prefix + n_semi > self.batch_size:  # each share is rounded on its own
+            raise ConfigError(f"decode_order_frac, clean_prefix_frac and semi_ar_frac round to {n_order} + {n_prefix} "
+                             f"+ {n_semi} samples, more than batch_size={self.batch_size}; lower one of them")
         if n_order >= self.batch_size:
-            raise ValueError(f"decode_order_frac={self.decode_order_frac} leaves no data samples in a batch of "
+            raise ConfigError(f"decode_order_frac={self.decode_order_frac} leaves no data samples in a batch of "
                              f"{self.batch_size}; lower it")
         if self.decode_order_frac > 0 and n_order == 0:
-            raise ValueError(f"decode_order_frac={self.decode_order_frac} rounds to 0 decoding states in a batch of "
+            raise ConfigError(f"decode_order_frac={self.decode_order_frac} rounds to 0 decoding states in a batch of "
                              f"{self.batch_size}; raise it to at least {1 / self.batch_size:.3g} or set it to 0")
-        if n_order + n_prefix > self.batch_size:  # each share is rounded on its own
-            raise ValueError(f"decode_order_frac={self.decode_order_frac} and clean_prefix_frac="
-                             f"{self.clean_prefix_frac} round to {n_order} + {n_prefix} samples, more than "
-                             f"batch_size={self.batch_size}; lower one of them")
+        if self.semi_ar_frac > 0 and self.objective != "llada_sft":
+            raise ConfigError(f"semi_ar_frac > 0 needs objective llada_sft, got objective {self.objective!r}")
         if self.decode_order_frac > 0 and (self.objective != "llada_sft" or not self.decode_orders):
-            raise ValueError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
+            raise ConfigError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
                              "(python train/decode_orders.py --model <teacher> --n <problems> --out <file>)")
         for name in ("batch_size", "max_steps", "save_every", "log_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -148,7 +185,7 @@ def encode_problems(problems: list[dict], tokenizer, answer_len: int,
         prompt = prompt_ids(tokenizer, p["question"])
         answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos]
         if len(answer) > answer_len:
-            raise ValueError(f"an answer has {len(answer)} tokens (with EOS), more than {length_flag}="
+            raise ConfigError(f"an answer has {len(answer)} tokens (with EOS), more than {length_flag}="
                              f"{answer_len}; raise {length_flag}")
         out.append((prompt + answer + [eos] * (answer_len - len(answer)), len(prompt)))
     return out
@@ -259,6 +296,46 @@ def llada_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.
     return (ce * weight[masked]).sum() / B
 
 
+def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float, block: int,
+                    generator: torch.Generator | None = None):
+    """The states semi-autoregressive (block-wise) decoding visits, drawn at random: LLaDA's vanilla
+    decoding fills the answer block by block, so the block being decoded is partly masked, every block
+    before it is clean and every block after it is all [MASK]. Per sample: a block b of the answer,
+    uniform; its tokens masked with probability p = (1-eps) t + eps, t ~ U(0, 1); everything after it masked.
+
+    Why: under uniform masking a GSM8K result can nearly always be copied from a later occurrence
+    (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute, and fails when
+    decoding reaches the first occurrence with everything after it masked. In these states everything
+    after the block is masked, as in decoding. Attention stays full, as LLaDA was trained.
+
+    Returns noisy ids (B, L), the loss positions (B, L): the masked slots of block b, and p (B,).
+    """
+    B, L = input_ids.shape
+    dev = generator.device if generator is not None else input_ids.device
+    t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
+    p = (1 - eps) * t + eps  # (B,)
+    n_blocks = (L - prompt_lens + block - 1) // block  # (B,) answer blocks (the last may be short)
+    b = (torch.rand(B, generator=generator, device=dev).to(input_ids.device) * n_blocks).long()  # (B,)
+    u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
+    offset = torch.arange(L, device=input_ids.device)[None] - prompt_lens[:, None]  # (B, L) answer offset
+    start = (b * block)[:, None]
+    in_block = (offset >= start) & (offset < start + block)  # (B, L)
+    loss_at = in_block & (u < p[:, None])
+    masked = loss_at | (offset >= start + block)
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    return noisy, loss_at, p
+
+
+def semi_ar_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: torch.Tensor, p: torch.Tensor,
+                 block: int) -> torch.Tensor:
+    """sum over the block's masked tokens of CE / (p * block), divided by the batch size: LLaDA SFT's
+    normalisation with the block in place of the answer."""
+    B = input_ids.shape[0]
+    weight = (1.0 / (p * block))[:, None].expand_as(loss_at)  # (B, L)
+    ce = F.cross_entropy(logits[loss_at].float(), input_ids[loss_at], reduction="none")
+    return (ce * weight[loss_at]).sum() / B
+
+
 def causal_targets(input_ids: torch.Tensor, prompt_lens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Labels for next-token CE: answer tokens up to and including the first EOS, -100 elsewhere."""
     B, L = input_ids.shape
@@ -283,16 +360,23 @@ def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator, 
     if cfg.objective == "llada_sft":
         n_order = 0 if order_batch is None else order_batch[0].shape[0]
         B = input_ids.shape[0] + n_order
-        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, the rest LLaDA SFT
+        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, then n_semi, the rest LLaDA SFT
+        n_semi = round(B * cfg.semi_ar_frac)
         loss = input_ids.new_zeros((), dtype=torch.float32)
         if n_order > 0:
             from train.decode_orders import decode_order_loss
             x, pos, pattern, loss_at, targets = order_batch
             loss = loss + decode_order_loss(model(x, pos, mask=pattern), targets, loss_at) * n_order / B
-        if n_order + n_prefix < B:
-            ids, plen = input_ids[n_prefix:], prompt_lens[n_prefix:]
+        if n_order + n_prefix + n_semi < B:
+            ids, plen = input_ids[n_prefix + n_semi:], prompt_lens[n_prefix + n_semi:]
             noisy, masked, p = forward_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, generator)
-            loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * (B - n_order - n_prefix) / B
+            n_sft = B - n_order - n_prefix - n_semi
+            loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * n_sft / B
+        if n_semi > 0:
+            ids, plen = input_ids[n_prefix:n_prefix + n_semi], prompt_lens[n_prefix:n_prefix + n_semi]
+            noisy, loss_at, p = semi_ar_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, cfg.semi_ar_block,
+                                                generator)
+            loss = loss + semi_ar_loss(model(noisy), ids, loss_at, p, cfg.semi_ar_block) * n_semi / B
         if n_prefix > 0:
             ids, plen = input_ids[:n_prefix], prompt_lens[:n_prefix]
             both, pos, attn, loss_at = clean_prefix_layout(ids, plen, mcfg.mask_token_id)
@@ -308,14 +392,14 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
     d = load_decode_orders(cfg.decode_orders)
     n, eos = len(d["orders"]), tokenizer.eos_token_id
     if d["seed"] != cfg.data.seed or n > len(data):
-        raise ValueError(f"{cfg.decode_orders!r} records the first {n} problems of seed {d['seed']}, not a prefix of "
+        raise ConfigError(f"{cfg.decode_orders!r} records the first {n} problems of seed {d['seed']}, not a prefix of "
                          f"this recipe's data ({len(data)} problems, data.seed={cfg.data.seed})")
     for i in range(n):  # the answers agree; the longer of the two EOS paddings is EOS beyond the shorter
         ids, plen = data[i]
         ref, ans = d["references"][i].tolist(), ids[plen:]
         k = min(len(ref), len(ans))
         if ref[:k] != ans[:k] or any(t != eos for t in ref[k:] + ans[k:]):
-            raise ValueError(f"problem {i} of {cfg.decode_orders!r} does not match this recipe's data "
+            raise ConfigError(f"problem {i} of {cfg.decode_orders!r} does not match this recipe's data "
                              f"(another tokenizer, or an answer longer than one of the two paddings?)")
     return DecodeStates(d, [ids[:plen] for ids, plen in data[:n]], tokenizer.mask_token_id, tokenizer.pad_token_id)
 
@@ -348,7 +432,7 @@ def init_weights(model, path: str | Path) -> None:
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if bad or len(state) != len(own):
-        raise ValueError(f"the checkpoint {str(path)!r} does not match the configured model: mismatched or missing "
+        raise ConfigError(f"the checkpoint {str(path)!r} does not match the configured model: mismatched or missing "
                          f"tensors {bad[:5]} (model has {len(own)} tensors, the source {len(state)})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
@@ -389,6 +473,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
 
     step, position = 0, 0
     ckpt = resume_checkpoint(out, cfg.resume)
+    changed = resume_changes(ckpt, cfg, RESUME_FIXED) if ckpt is not None else {}
     if ckpt is None and cfg.init_from:
         init_weights(model, cfg.init_from)
         accelerator.print(f"initialised the weights from {cfg.init_from}")
@@ -398,7 +483,11 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         state = load_checkpoint(accelerator, ckpt, load_model=lambda d: init_weights(raw, d), optimizer=optimizer,
                                 scheduler=scheduler, generators=generators)
         step, position = state["step"], state["position"]
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+        apply_optimizer_settings(optimizer, scheduler, cfg.lr, [cfg.weight_decay, 0.0], betas=(cfg.beta1, cfg.beta2))
+        if accelerator.is_main_process:
+            truncate_metrics(out / "metrics.jsonl", step)
+        accelerator.print(f"resumed from {ckpt} at step {step}"
+                          + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -406,10 +495,11 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         n_params = sum(p.numel() for p in raw.parameters())
         accelerator.print(f"{cfg.objective}: {n_params / 1e6:.2f}M parameters, {len(data)} problems, "
                           f"{world} process(es) x batch {cfg.batch_size}")
-    writer = None
+    writer = metrics_file = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
+        metrics_file = open(out / "metrics.jsonl", "a")  # one line per logged step
     # data samples per step: the decoding-state share of the batch is drawn from `states` instead
     n_order = cfg.n_decode_states
     global_batch = (cfg.batch_size - n_order) * world
@@ -447,6 +537,8 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
             if writer is not None:
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step)
+                metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
+                metrics_file.flush()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
             t_log, tokens = time.time(), 0
         out_of_time = cfg.time_limit_minutes > 0 and time.time() - t_start > 60 * cfg.time_limit_minutes
@@ -460,6 +552,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     bar.close()
     if writer is not None:
         writer.close()
+        metrics_file.close()
 
     if accelerator.is_main_process:
         save_pretrained(raw, out, dtype=getattr(torch, cfg.save_dtype))
@@ -507,4 +600,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from d2f.errors import run_main
+    raise SystemExit(run_main(main))

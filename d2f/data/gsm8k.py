@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from d2f.data.extract import extract_answer
+from d2f.errors import UserError
 
 REAL100 = Path(__file__).with_name("gsm8k_real100.jsonl")
 TESTBED_TEST_SIZE = 500
@@ -29,15 +30,16 @@ SOURCES = ("testbed", "real100", "hub", "<path to .jsonl or .parquet>")
 def _row(question: str, answer: str) -> dict:
     final = extract_answer(answer)
     if final is None:
-        raise ValueError(f"GSM8K answer has no final number: {answer[-80:]!r}")
+        raise UserError(f"GSM8K answer has no final number ('#### N'): {answer[-80:]!r}")
     return {"question": question.strip(), "answer": answer.strip(), "final": final}
 
 
 def _from_rows(rows, where: str) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
-        if "question" not in r or "answer" not in r:
-            raise ValueError(f"row {i} of {where} has no 'question'/'answer' field (keys: {sorted(r)})")
+        if not isinstance(r, dict) or "question" not in r or "answer" not in r:
+            keys = sorted(r) if isinstance(r, dict) else f"a JSON {type(r).__name__}"
+            raise UserError(f"row {i} of {where} has no 'question'/'answer' field ({keys})")
         out.append(_row(r["question"], r["answer"]))
     return out
 
@@ -47,7 +49,7 @@ def _load_hub(split: str) -> list[dict]:
         import datasets
         ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
     except Exception as e:  # offline, no cache, no `datasets`
-        raise RuntimeError(f"could not load openai/gsm8k ({type(e).__name__}: {e}). Offline, use "
+        raise UserError(f"could not load openai/gsm8k ({type(e).__name__}: {e}). Offline, use "
                            "source='real100' (100 real GSM8K test questions shipped with d2f), "
                            "source='testbed', or a local .jsonl/.parquet path with question/answer fields.") from e
     return _from_rows(ds, "openai/gsm8k")
@@ -55,20 +57,26 @@ def _load_hub(split: str) -> list[dict]:
 
 def _load_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
-        with path.open() as fh:
-            return _from_rows([json.loads(line) for line in fh if line.strip()], str(path))
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        return _from_rows(rows, str(path))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return _from_rows(pq.read_table(str(path)).to_pylist(), str(path))
-    raise ValueError(f"unsupported GSM8K file {str(path)!r}: expected a .jsonl or .parquet file")
+    raise UserError(f"unsupported GSM8K file {str(path)!r}: expected a .jsonl or .parquet file")
 
 
 def load_gsm8k(source: str = "testbed", split: str = "test", limit: int | None = None) -> list[dict]:
     """GSM8K-format problems from `source` ("testbed", "real100", "hub" or a local file)."""
     if split not in ("train", "test"):
-        raise ValueError(f"split {split!r} must be 'train' or 'test'")
+        raise UserError(f"split {split!r} must be 'train' or 'test'")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        raise UserError(f"limit must be >= 0 or None, got {limit}")
     if source == "testbed":
         from d2f.data.gsm import make_problems
         # the generator is prefix-stable: make_problems(s, k) == make_problems(s, n)[:k] for k <= n
@@ -76,7 +84,7 @@ def load_gsm8k(source: str = "testbed", split: str = "test", limit: int | None =
         rows = make_problems(split, n if limit is None else min(limit, n), seed=TESTBED_SEED)
     elif source == "real100":
         if split != "test":
-            raise ValueError("source 'real100' only has the test split (100 GSM8K test questions)")
+            raise UserError("source 'real100' only has the test split (100 GSM8K test questions)")
         rows = _load_file(REAL100)
     elif source == "hub":
         rows = _load_hub(split)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from d2f.errors import UserError
 
 # config.json key (public checkpoint) -> our field, per architecture.
 LLADA_KEYS = {
@@ -22,9 +25,16 @@ DREAM_KEYS = {
     "tie_word_embeddings": "tie_word_embeddings",
 }
 ARCHES = ("llada", "dream")
+# config.json keys with no safe default: they set the shapes and the positions of the checkpoint's own
+# weights, so a missing one is an error, never a silent 8B default
+REQUIRED_KEYS = {"llada": ("vocab_size", "d_model", "n_layers", "n_heads", "rope_theta"),
+                 "dream": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "rope_theta")}
+# the mask token of each family when config.json does not name it (LLaDA's generate.py hard-codes it)
+DEFAULT_MASK_ID = {"llada": 126336, "dream": 151666}
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     pass
 
 
@@ -60,9 +70,19 @@ class ModelConfig:
     def validate(self):
         if self.arch not in ARCHES:
             raise ModelConfigError(f"arch {self.arch!r} is not supported; expected one of {ARCHES}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ModelConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ModelConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ModelConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ModelConfigError(f"{name} must be an integer token id, got {v!r}")
         if self.hidden_size % self.num_heads:
             raise ModelConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -98,7 +118,13 @@ class ModelConfig:
         else:
             raise ModelConfigError(f"config.json model_type {d.get('model_type')!r} is not supported; "
                                    "expected 'llada' (LLaDA) or 'Dream' (Dream)")
+        missing = [k for k in REQUIRED_KEYS[arch] if d.get(k) is None]
+        if missing:
+            raise ModelConfigError(f"config.json (model_type {d.get('model_type')!r}) is missing {', '.join(missing)}: "
+                                   "they set the shapes and positions of the checkpoint's weights and have no safe "
+                                   "default; add them from the checkpoint's original config.json")
         kw = {ours: d[theirs] for theirs, ours in keys.items() if theirs in d}
+        kw.setdefault("mask_token_id", DEFAULT_MASK_ID[arch])
         if arch == "llada":
             if "intermediate_size" not in kw:  # OLMo falls back to mlp_ratio * d_model
                 kw["intermediate_size"] = int(d.get("mlp_ratio", 4) * d["d_model"])

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from d2f.errors import UserError
 from d2f.models.config import ModelConfig
 
 CONFIG_NAME = "config.json"
@@ -22,7 +23,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -78,6 +79,25 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}")
 
 
+def _unreadable(f: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read weights file {str(f)!r} ({type(e).__name__}: {e}); it is truncated or "
+                           "corrupt: download or copy it again")
+
+
+def _open_weights(f: Path, device: torch.device):
+    try:
+        return safe_open(str(f), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise _unreadable(f, e) from None
+
+
+def _read_tensor(fh, key: str, f: Path) -> torch.Tensor:
+    try:
+        return fh.get_tensor(key)
+    except SafetensorError as e:
+        raise _unreadable(f, e) from None
+
+
 def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
                     config: ModelConfig | None = None):
     """Load our model class for a LLaDA / Dream checkpoint (no trust_remote_code)."""
@@ -93,12 +113,12 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
         device = torch.device("cpu")  # accelerate names it "cpu:0" in multi-process runs; safetensors wants "cpu"
     state, seen_dtype = {}, None
     for f in _weight_files(path):
-        with safe_open(str(f), framework="pt", device=str(device)) as fh:
+        with _open_weights(f, device) as fh:
             for key in fh.keys():
                 if key not in expected:
                     raise CheckpointError(f"unexpected tensor {key!r} in {f.name}: the {cfg.arch} architecture "
                                           "has no such parameter (wrong model_type or a different model?)")
-                t = fh.get_tensor(key)
+                t = _read_tensor(fh, key, f)
                 if tuple(t.shape) != tuple(expected[key]):
                     raise CheckpointError(f"tensor {key!r} in {f.name} has shape {tuple(t.shape)}, "
                                           f"expected {tuple(expected[key])} from config.json")
@@ -152,3 +172,50 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", dt
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     (out / CONFIG_NAME).write_text(json.dumps(hf, indent=2))
+
+
+# ---- adapters: which base they belong to --------------------------------------------------------
+
+BASE_FINGERPRINT_NAME = "d2f_base.json"  # written beside adapter_config.json by train/distill.py
+
+
+def base_fingerprint(model, n_tensors: int = 8, n_values: int = 16) -> dict[str, list[float]]:
+    """A few values of a few of the base model's weights: enough to tell two models apart (the AR
+    baseline from the teacher it was adapted into, a base from its fine-tune), and compared with a
+    tolerance, so the same weights loaded in bfloat16 or float32 match. LoRA layers are left out and
+    PEFT's `.base_layer` is dropped from the names, so a wrapped model gives its base's fingerprint."""
+    params = {k.replace(".base_layer", ""): p for k, p in model.named_parameters() if "lora_" not in k}
+    names = sorted(params)
+    picked = names[::max(1, len(names) // n_tensors)][:n_tensors]
+    out = {}
+    for k in picked:
+        flat = params[k].detach().reshape(-1)
+        out[k] = flat[::max(1, flat.numel() // n_values)][:n_values].float().cpu().tolist()
+    return out
+
+
+def write_base_fingerprint(model, adapter_dir, base_name: str) -> None:
+    data = {"base_model_name_or_path": base_name, "fingerprint": base_fingerprint(model)}
+    (Path(adapter_dir) / BASE_FINGERPRINT_NAME).write_text(json.dumps(data, indent=1))
+
+
+def check_adapter_base(model, adapter_dir, model_name: str) -> None:
+    """Refuse to put an adapter on a model other than the one it was trained on (its recorded
+    fingerprint differs); adapters without a record (other tools) are not checked here."""
+    f = Path(adapter_dir) / BASE_FINGERPRINT_NAME
+    if not f.is_file():
+        return
+    rec = json.loads(f.read_text())
+    params = {k.replace(".base_layer", ""): p for k, p in model.named_parameters() if "lora_" not in k}
+    for k, values in rec["fingerprint"].items():
+        p = params.get(k)
+        ok = p is not None
+        if ok:
+            flat = p.detach().reshape(-1)
+            got = flat[::max(1, flat.numel() // len(values))][:len(values)].float().cpu()
+            ok = got.shape[0] == len(values) and torch.allclose(got, torch.tensor(values), rtol=2e-2, atol=1e-3)
+        if not ok:
+            raise CheckpointError(f"adapter {str(adapter_dir)!r} was trained on {rec['base_model_name_or_path']!r}, "
+                                  f"and {model_name!r} is a different model (its weight {k!r} "
+                                  f"{'is missing' if p is None else 'differs'}); load the adapter on the model it "
+                                  "was distilled from")

@@ -43,6 +43,43 @@ def test_bad_inputs_name_the_value():
             generate(causal, None, [[3]], DecodeConfig(mode=mode, max_new_tokens=32, block_size=8))
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                dict(factor=float("inf")), dict(tau_act=float("nan")), dict(seed=1.5),
+                                dict(block_size=True)])
+def test_non_finite_and_mistyped_values_are_refused(kw):
+    with pytest.raises(DecodeConfigError, match=next(iter(kw))):
+        DecodeConfig(**kw)
+
+
+@pytest.mark.parametrize("mode", ["d2f", "fast-dllm", "vanilla"])
+def test_a_model_that_never_commits_stops_with_an_error(mode, monkeypatch):
+    """Every decode loop is capped: a model whose predictions commit nothing (here every prediction is the
+    mask token, what inf temperature used to produce) ends with DecodeStalled, not a hang."""
+    import infer.d2f
+    import infer.fast_dllm
+    import infer.sampling
+    import infer.vanilla
+    from infer.steps import DecodeStalled
+    model = random_model("tiny-llada")
+    calls = []
+
+    def mask_everywhere(logits, temperature=0.0, generator=None, exclude=None):
+        calls.append(1)
+        tokens = torch.full(logits.shape[:-1], model.config.mask_token_id, dtype=torch.long)
+        return tokens, torch.ones(logits.shape[:-1], dtype=torch.float64)
+    for mod in (infer.d2f, infer.fast_dllm, infer.vanilla, infer.sampling):
+        if hasattr(mod, "predict"):
+            monkeypatch.setattr(mod, "predict", mask_everywhere)
+    cfg = DecodeConfig(mode=mode, max_new_tokens=16, block_size=8)
+    if mode == "vanilla":  # a fixed number of steps: it ends, with the masks cut from the answer
+        [res] = generate(model, None, [[3, 4, 5]], cfg)
+        assert res.nfe == 16 and res.token_ids == []
+        return
+    with pytest.raises(DecodeStalled, match="no progress"):
+        generate(model, None, [[3, 4, 5]], cfg)
+    assert len(calls) == 16 + 2 + 1 + 1  # the cap, max(steps, gen) + blocks + 1 forwards, and the one past it
+
+
 def test_load_checkpoint_with_merged_lora_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
     base = random_model("tiny-llada", seed=31)

@@ -83,11 +83,12 @@ def test_cli_input_file_batch_and_no_chat(tiny_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(tiny_dir, capsys):
-    rc = main(["--model", str(tiny_dir / "dllm"), "--tokenizer", str(tiny_dir / "tok"), "--mode", "d2f",
+    from d2f.errors import run_main
+    rc = run_main(main, ["--model", str(tiny_dir / "dllm"), "--tokenizer", str(tiny_dir / "tok"), "--mode", "d2f",
                "--max-new-tokens", "10", "--block-size", "4"])
     assert rc == 2
     assert "max_new_tokens 10 is not a multiple of block_size 4" in capsys.readouterr().err
-    rc = main(["--model", str(tiny_dir / "ar"), "--tokenizer", str(tiny_dir / "tok"), "--mode", "d2f",
+    rc = run_main(main, ["--model", str(tiny_dir / "ar"), "--tokenizer", str(tiny_dir / "tok"), "--mode", "d2f",
                "--max-new-tokens", "8", "--block-size", "4"])
     assert rc == 2 and "use mode 'ar'" in capsys.readouterr().err
 

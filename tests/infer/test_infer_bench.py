@@ -108,6 +108,7 @@ def test_cli_writes_table(tmp_path):
     (["--traces", "/nonexistent/t.json"], "no trace file"),
 ])
 def test_cli_bad_arguments_one_line(argv, msg, tmp_path):
-    with pytest.raises(SystemExit) as e:
+    from d2f.errors import UserError
+    with pytest.raises(UserError) as e:
         bench.main(argv + ["--output-dir", str(tmp_path)])
     assert msg in str(e.value) and "\n" not in str(e.value)

@@ -200,10 +200,10 @@ def test_two_processes_draw_their_own_states_and_resume_exactly(tok_dir, orders_
 def test_decode_order_config_errors(tok_dir, orders_file, tmp_path):
     with pytest.raises(ValueError, match="needs objective llada_sft and a decode_orders file"):
         train(tiny_cfg(tok_dir, tmp_path / "a", "llada_sft", decode_order_frac=0.5, clean_prefix_frac=0))
-    with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac must be <= 1"):
+    with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac \+ semi_ar_frac must be <= 1"):
         train(tiny_cfg(tok_dir, tmp_path / "b", "llada_sft", decode_orders=orders_file, decode_order_frac=0.5,
                        clean_prefix_frac=0.75))
-    with pytest.raises(ValueError, match=r"round to 2 \+ 2 samples, more than batch_size=3"):
+    with pytest.raises(ValueError, match=r"round to 2 \+ 2 \+ 0 samples, more than batch_size=3"):
         train(tiny_cfg(tok_dir, tmp_path / "g", "llada_sft", decode_orders=orders_file, decode_order_frac=0.5,
                        clean_prefix_frac=0.5, batch_size=3))  # each share rounds 1.5 up
     with pytest.raises(ValueError, match="decode_order_frac=0.1 rounds to 0 decoding states in a batch of 4"):

@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from d2f.config import ConfigError
+from d2f.errors import UserError
 from d2f.losses import d2f_distill_loss
 from d2f.masks import block_causal
 from d2f.models import load_model, save_pretrained
@@ -180,10 +181,29 @@ def test_resume_refuses_a_different_setup(work, full_run, tmp_path):
     out, _ = full_run
     out2 = tmp_path / "other"
     shutil.copytree(out / "checkpoint-2", out2 / "checkpoint-2")
-    with pytest.raises(ConfigError, match=r"cannot resume .*\['lora'\] differ"):
+    with pytest.raises(ConfigError, match=r"cannot resume .* with a different setup \(lora.r: 8 -> 4\)"):
         run_main(["--config", str(work / "cfg.yaml"), f"output_dir={out2}", "lora.r=4"])
     with pytest.raises(ConfigError, match="already holds checkpoints and resume=none"):
         run_main(["--config", str(work / "cfg.yaml"), f"output_dir={out2}", "resume=none"])
+
+
+def test_resume_applies_a_changed_lr_and_keeps_one_metrics_line_per_step(work, full_run, tmp_path):
+    """A run stopped after step 4 whose newest checkpoint is step 2 redoes steps 3-4: metrics.jsonl keeps one
+    line per step. A changed optim.lr reaches the optimizer (not only config.yaml): schedule x new lr."""
+    from train.schedule import lr_factor
+    out, _ = full_run
+    out2 = tmp_path / "lr"
+    shutil.copytree(out / "checkpoint-2", out2 / "checkpoint-2")
+    old = [x for x in (out / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 4]
+    (out2 / "metrics.jsonl").write_text("\n".join(old) + "\n")
+    run_main(["--config", str(work / "cfg.yaml"), f"output_dir={out2}", "optim.lr=0.005", "optim.schedule=cosine",
+              "optim.warmup_steps=1"])
+    rows = [json.loads(x) for x in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    lrs = {r["step"]: r["train/lr"] for r in rows if "train/loss" in r}
+    assert lrs[1] == lrs[2] == pytest.approx(1e-2)  # before the resume
+    for s in (3, 4, 5, 6):  # optimizer step s-1 (0-based) of the new schedule at the new rate
+        assert lrs[s] == pytest.approx(0.005 * lr_factor(s - 1, 1, 6, "cosine")), s
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(work, full_run, tmp_path):
@@ -338,9 +358,27 @@ def test_make_distill_data_writes_teacher_answers(work, tmp_path):
                     "max_steps=1", "grad_accum=1"])
     assert res["step"] == 1
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(SystemExit, match="has no prompt field"):
+    with pytest.raises(UserError, match="has no prompt field"):
         make_distill_data.main(["--model", str(work / "teacher"), "--source", str(tmp_path / "bad.jsonl"),
                                 "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_ddp_two_processes_step_the_lr_schedule_once_per_optimizer_step(work, tmp_path):
+    """Under plain DDP the schedule advances once per optimizer step, not once per process (accelerate's
+    scheduler wrapper would step a cosine schedule twice per step with 2 processes, reaching its floor
+    halfway); with grad_accum 2 it does not advance on the micro-batches that only accumulate."""
+    from train.schedule import lr_factor
+    out = tmp_path / "ddp"
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"),
+           "--main_process_port", "29543", str(REPO / "train/distill.py"), "--config", str(work / "cfg.yaml"),
+           f"output_dir={out}", "max_steps=4", "save_every=0", "optim.schedule=cosine", "optim.warmup_steps=1"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["train/lr"] for row in rows if "train/loss" in row]
+    assert lrs == pytest.approx([1e-2 * lr_factor(s, 1, 4, "cosine") for s in range(4)])
 
 
 @pytest.mark.slow

@@ -277,3 +277,99 @@ def two_process_run_resumes_exactly(tok_dir, tmp_path, **kw):
     launch(tmp_path / "resumed", f"resume={tmp_path / 'elsewhere' / 'checkpoint-4'}")
     a, b = from_pretrained(tmp_path / "full").state_dict(), from_pretrained(tmp_path / "resumed").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- semi-autoregressive states and the bidirectional teacher -------------------------------------
+
+def test_semi_ar_process_masks_one_partial_block_and_everything_after_it():
+    from train.pretrain import semi_ar_process, semi_ar_loss
+    g = torch.Generator().manual_seed(0)
+    B, L, block = 64, 70, 8
+    ids = torch.randint(3, 50, (B, L))
+    plen = torch.randint(5, 20, (B,))
+    noisy, loss_at, p = semi_ar_process(ids, plen, 2, 1e-3, block, g)
+    masked = noisy == 2
+    seen_blocks = set()
+    for i in range(B):
+        off = torch.arange(L) - plen[i]
+        m = masked[i]
+        assert not m[off < 0].any()  # the prompt is never masked
+        first = int(off[m].min())  # something is masked: the answer (>= 50 tokens) has blocks after the drawn one
+        # the drawn block: where its masked slots (the loss positions) are; none masked: the block before `first`
+        b = int(off[loss_at[i]].min()) // block if loss_at[i].any() else first // block - 1
+        assert loss_at[i].any() or first % block == 0
+        seen_blocks.add(b)
+        start, end = b * block, (b + 1) * block
+        assert torch.equal(noisy[i][off < start], ids[i][off < start])  # earlier blocks clean
+        assert m[off >= end].all()  # every later block masked
+        assert torch.equal(loss_at[i], m & (off >= start) & (off < end))  # the loss: the block's masked slots
+    assert len(seen_blocks) > 3  # the block is drawn, not fixed
+    # the loss: sum over the block's masked slots of CE / (p * block), over B
+    logits = torch.randn(B, L, 60)
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, L)
+    want = sum(float(ce[i][loss_at[i]].sum() / (p[i] * block)) for i in range(B)) / B
+    assert float(semi_ar_loss(logits, ids, loss_at, p, block)) == pytest.approx(want, rel=1e-5)
+
+
+class FullAttentionOnly(torch.nn.Module):
+    """Wraps a model and fails on any forward that is not full attention (no pattern, or a "full" one)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.kinds = model, model.config, []
+
+    def forward(self, x, position_ids=None, mask=None, **kw):
+        from d2f.masks import Pattern
+        kind = "full" if mask is None else (mask.kind if isinstance(mask, Pattern) else "explicit tensor")
+        self.kinds.append(kind)
+        assert kind == "full", f"a training forward used a {kind!r} attention pattern"
+        return self.model(x, position_ids, mask=mask, **kw)
+
+
+@pytest.mark.parametrize("config", ["testbed_teacher_bidir.yaml"])
+def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
+    """The bidirectional teacher's configs: the model is not causal, and every forward of the objective
+    (LLaDA SFT and semi-autoregressive states) attends fully, as LLaDA and Dream were trained."""
+    from d2f.data.tokenizer import load_tokenizer
+    from d2f.models import build_model
+    from train.pretrain import build_dataset, compute_loss, model_config
+    cfg = load_config(PretrainConfig, REPO / "configs" / config, [f"tokenizer={tok_dir}", "data.num_problems=16"])
+    assert cfg.objective == "llada_sft" and cfg.clean_prefix_frac == 0
+    tok = load_tokenizer(tok_dir)
+    small = load_config(PretrainConfig, REPO / "configs" / config,
+                        [f"tokenizer={tok_dir}", "data.num_problems=16", "model.hidden_size=32", "model.num_layers=1",
+                         "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=64"])
+    model = build_model(model_config(small, tok), seed=0)
+    assert not model.config.is_causal
+    wrapped = FullAttentionOnly(model)
+    ids, plen = collate(build_dataset(small, tok)[:small.batch_size], eos_id=1)
+    loss = compute_loss(wrapped, small, ids, plen, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and len(wrapped.kinds) == 2  # the SFT part and the semi-AR part
+    # the check can fail: the clean-prefix term of the old teacher recipe is not full attention
+    old = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml",
+                      [f"tokenizer={tok_dir}", "data.num_problems=16", "model.hidden_size=32", "model.num_layers=1",
+                       "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=64"])
+    with pytest.raises(AssertionError, match="explicit tensor"):
+        compute_loss(FullAttentionOnly(build_model(model_config(old, tok), seed=0)), old, ids, plen,
+                     torch.Generator().manual_seed(0))
+
+
+def test_resume_refuses_another_objective_applies_a_changed_lr_and_logs_each_step_once(tok_dir, tmp_path):
+    import json
+    from train.schedule import lr_factor
+    out = tmp_path / "run"
+
+    def stop_at_6(step, loss):
+        if step == 6:  # newest checkpoint: step 4; steps 5-6 are logged, then redone
+            raise Killed
+    with pytest.raises(Killed):
+        train(tiny_cfg(tok_dir, out, "llada_sft", max_steps=10), on_step=stop_at_6)
+    with pytest.raises(ConfigError, match=r"objective: 'llada_sft' -> 'causal'"):
+        train(tiny_cfg(tok_dir, out, "causal", max_steps=10))
+    train(tiny_cfg(tok_dir, out, "llada_sft", max_steps=10, lr=1e-3))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    # the logged lr is the one the next step uses: factor(step) x base lr; the new base from step 5 on
+    for r in rows:
+        base = 3e-3 if r["step"] <= 4 else 1e-3
+        assert r["train/lr"] == pytest.approx(base * lr_factor(r["step"], 2, 10, "cosine", 0.1)), r["step"]

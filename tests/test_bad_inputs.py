@@ -1,0 +1,210 @@
+"""Bad input through every command's entry point: exit status 2 and one line naming the bad value.
+
+Each case runs the command's `main` in-process through `d2f.errors.run_main`, exactly what
+`python -m ...` runs, and asserts the exit status, the key words of the message and that stderr is one
+line (no traceback). The cases fail before a model would decode or train, so the table stays fast.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2f.errors import run_main
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "testbed" / "teacher"
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory) -> Path:
+    """Broken inputs, made once: checkpoints, input files, output locations."""
+    d = tmp_path_factory.mktemp("bad")
+
+    def checkpoint(name: str, edit=None, truncate: bool = False):
+        out = d / name
+        shutil.copytree(TEACHER, out)
+        if edit is not None:
+            cfg = json.loads((out / "config.json").read_text())
+            edit(cfg)
+            (out / "config.json").write_text(json.dumps(cfg))
+        if truncate:
+            data = (out / "model.safetensors").read_bytes()
+            (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    checkpoint("truncated", truncate=True)
+    checkpoint("no_rope", lambda c: c.pop("rope_theta"))
+    checkpoint("llama_cfg", lambda c: c.update(model_type="llama"))
+    checkpoint("unknown_type", lambda c: c.update(model_type="foobar"))
+    checkpoint("bad_mask", lambda c: c.update(mask_token_id=5000))
+    checkpoint("str_layers", lambda c: c.update(n_layers="six"))
+    (d / "empty.jsonl").write_text("\n")
+    (d / "list.jsonl").write_text(json.dumps(["a question"]) + "\n")
+    (d / "broken.jsonl").write_text('{"prompt": "x"\n')
+    (d / "noprompt.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    (d / "preds").mkdir()
+    (d / "preds" / "predictions.jsonl").write_text(json.dumps({"index": 0}) + "\n")
+    (d / "afile").write_text("x")
+    (d / "bad.yaml").write_text("lr: [1, 2\n")
+    (d / "compare.yaml").write_text("configs:\n  a: {mode: vanilla, max_new_tokens: 32, block_size: 32}\n"
+                                    "baseline: teacher-vanila\n")
+    return d
+
+
+def _cmd(name: str):
+    if name == "generate":
+        from infer.generate import main
+    elif name == "eval":
+        from infer.eval import main
+    elif name == "compare":
+        from infer.compare import main
+    elif name == "distill":
+        from train.distill import main
+    elif name == "pretrain":
+        from train.pretrain import main
+    elif name == "make_distill_data":
+        sys.path.insert(0, str(REPO / "scripts"))
+        from make_distill_data import main
+    else:
+        raise KeyError(name)
+    return main
+
+
+DISTILL = ["--config", "configs/d2f_tiny.yaml"]
+PRETRAIN = ["--config", "configs/testbed_teacher.yaml"]
+GEN = ["--prompt", "What is 2 + 3?", "--max-new-tokens", "32", "--block-size", "32"]
+
+CASES = [
+    # ---- infer.generate: decoding values
+    ("generate", GEN + ["--temperature", "inf"], ["temperature", "finite"]),
+    ("generate", GEN + ["--temperature", "nan"], ["temperature", "finite"]),
+    ("generate", GEN + ["--temperature", "-1"], ["temperature must be >= 0"]),
+    ("generate", GEN + ["--threshold", "1.5"], ["threshold must be in [0, 1]", "1.5"]),
+    ("generate", GEN + ["--tau-conf", "-0.1"], ["tau_conf must be in [0, 1]"]),
+    ("generate", GEN + ["--tau-add", "nan"], ["tau_add", "finite"]),
+    ("generate", GEN + ["--factor", "inf"], ["factor", "finite"]),
+    ("generate", ["--block-size", "0"], ["block_size must be a positive integer"]),
+    ("generate", ["--max-new-tokens", "100", "--block-size", "32"], ["100 is not a multiple of block_size 32"]),
+    ("generate", ["--mode", "vanilla", "--max-new-tokens", "64", "--block-size", "32", "--steps", "7"],
+     ["steps 7 is not a multiple of the number of blocks 2"]),
+    ("generate", ["--mode", "fast"], ["mode 'fast' is not one of"]),
+    ("generate", ["--seed", "abc"], ["seed", "expected int", "abc"]),
+    ("generate", ["--max-new-tokens", "2.5"], ["max_new_tokens", "expected int"]),
+    ("generate", ["--max-new-tokens", "1024", "--block-size", "32"], ["max_position_embeddings 512", "lower"]),
+    ("generate", GEN + ["--batch-size", "0"], ["--batch-size must be positive"]),
+    # ---- infer.generate: paths, devices, files
+    ("generate", GEN + ["--model", "/nonexistent/model"], ["'/nonexistent/model' does not exist"]),
+    ("generate", GEN + ["--model", "./relative/missing"], ["does not exist"]),
+    ("generate", GEN + ["--model", str(TEACHER / "config.json")], ["is a file"]),
+    ("generate", GEN + ["--tokenizer", "/no/tokenizer"], ["tokenizer '/no/tokenizer' does not exist"]),
+    ("generate", GEN + ["--adapter", "/no/adapter"], ["adapter '/no/adapter' does not exist"]),
+    ("generate", GEN + ["--device", "tpu"], ["device 'tpu'"]),
+    ("generate", GEN + ["--dtype", "float8"], ["dtype 'float8' is not one of"]),
+    ("generate", GEN + ["--trace", "/nonexistent_dir/t.jsonl"], ["--trace", "'/nonexistent_dir' does not exist"]),
+    ("generate", GEN + ["--trace", "{fx}"], ["--trace", "is a directory"]),
+    ("generate", ["--input-file", "{fx}/missing.jsonl"], ["missing.jsonl' does not exist"]),
+    ("generate", ["--input-file", "{fx}/empty.jsonl"], ["holds no prompts"]),
+    ("generate", ["--input-file", "{fx}/list.jsonl"], ["list.jsonl:1", "a JSON list"]),
+    ("generate", ["--input-file", "{fx}/broken.jsonl"], ["broken.jsonl:1", "not a JSON line"]),
+    ("generate", ["--input-file", "{fx}/noprompt.jsonl"], ["noprompt.jsonl:1", "'prompt' or 'question'"]),
+    ("generate", ["--prompt", "  "], ["prompt 0 is empty"]),
+    ("generate", ["--show-masks", "--batch-size", "2"], ["--show-masks needs --batch-size 1"]),
+    # ---- infer.generate: checkpoints that cannot load correctly
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/truncated", "--tokenizer", "testbed/tokenizer"],
+     ["model.safetensors", "truncated or corrupt"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/no_rope"], ["missing rope_theta"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/llama_cfg"], ["do not match its config.json", "llama"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/unknown_type"], ["cannot read", "foobar"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/bad_mask"], ["mask_token_id 5000 is outside"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/str_layers"], ["num_layers must be a positive integer"]),
+    ("generate", GEN + ["--mode", "ar", "--model", "testbed/ar", "--adapter", "testbed/student"],
+     ["adapter 'testbed/student' was trained on", "different model"]),
+    ("generate", GEN + ["--mode", "ar", "--model", "testbed/teacher"], ["needs a causal model"]),
+    # ---- infer.eval
+    ("eval", ["--limit", "0"], ["--limit must be a positive integer"]),
+    ("eval", ["--batch-size", "-1"], ["--batch-size must be a positive integer"]),
+    ("eval", ["--shots", "-1"], ["--shots must be >= 0"]),
+    ("eval", ["--data", "/no/such.jsonl", "--output-dir", "{fx}/out_nodata"], ["/no/such.jsonl"]),
+    ("eval", ["--data", "{fx}/list.jsonl", "--output-dir", "{fx}/out_list"], ["row 0", "no 'question'/'answer'"]),
+    ("eval", ["--limit", "2", "--output-dir", "{fx}/afile"], ["is a file"]),
+    ("eval", ["--limit", "2", "--output-dir", "/proc/d2f-out"], ["/proc/d2f-out"]),
+    ("eval", ["--mode", "vanilla", "--max-new-tokens", "32", "--limit", "1", "--no-progress", "--output-dir",
+              "{fx}/preds"], ["no run.json", "--overwrite"]),
+    ("eval", ["--threshold", "2"], ["threshold must be in [0, 1]"]),
+    # ---- infer.compare
+    ("compare", ["--config", "/no/compare.yaml"], ["'/no/compare.yaml' does not exist"]),
+    ("compare", ["--config", "{fx}/bad.yaml"], ["not valid YAML", "line"]),
+    ("compare", ["--config", "{fx}/compare.yaml", "--output-dir", "{fx}/cmp"], ["baseline 'teacher-vanila'"]),
+    ("compare", ["--only", "nope", "--output-dir", "{fx}/cmp2"], ["--only names unknown configs ['nope']"]),
+    ("compare", ["limitt=3", "--output-dir", "{fx}/cmp3"], ["unknown config key 'limitt'", "limit"]),
+    # ---- train/distill.py
+    ("distill", DISTILL + ["optim.grad_clip=-1"], ["optim.grad_clip must be > 0", "-1"]),
+    ("distill", DISTILL + ["optim.lr=nan"], ["optim.lr", "finite"]),
+    ("distill", DISTILL + ["optim.lr=0"], ["optim.lr must be > 0"]),
+    ("distill", DISTILL + ["optim.betas=[0.9,1.5]"], ["optim.betas", "[0, 1)"]),
+    ("distill", DISTILL + ["optim.warmup_steps=-3"], ["optim.warmup_steps must be >= 0"]),
+    ("distill", DISTILL + ["noise.p_min=0.8", "noise.p_max=0.2"], ["p_min <= p_max"]),
+    ("distill", DISTILL + ["noise.block_size=0"], ["noise.block_size=0"]),
+    ("distill", DISTILL + ["lora.dropout=1.5"], ["lora.dropout must be in [0, 1)"]),
+    ("distill", DISTILL + ["max_steps=0"], ["max_steps must be > 0"]),
+    ("distill", DISTILL + ["optim.lrr=1"], ["unknown config key 'lrr'", "lr"]),
+    ("distill", DISTILL + ["max_steps=ten"], ["max_steps", "expected int"]),
+    ("distill", DISTILL + ["model.base=/no/such/teacher"], ["'/no/such/teacher' does not exist"]),
+    ("distill", ["--config", "/no/config.yaml"], ["'/no/config.yaml' does not exist"]),
+    ("distill", ["--config", "{fx}/bad.yaml"], ["not valid YAML"]),
+    ("distill", DISTILL + ["resume=/no/checkpoint"], ["resume='/no/checkpoint' is not a complete checkpoint"]),
+    # ---- train/pretrain.py
+    ("pretrain", PRETRAIN + ["grad_clip=-1"], ["grad_clip must be > 0"]),
+    ("pretrain", PRETRAIN + ["lr=0"], ["lr must be > 0"]),
+    ("pretrain", PRETRAIN + ["lr=inf"], ["'lr'", "finite"]),
+    ("pretrain", PRETRAIN + ["warmup_steps=-5"], ["warmup_steps must be >= 0"]),
+    ("pretrain", PRETRAIN + ["beta2=1.0"], ["beta2 must be in [0, 1)"]),
+    ("pretrain", PRETRAIN + ["min_lr_ratio=2"], ["min_lr_ratio must be in [0, 1]"]),
+    ("pretrain", PRETRAIN + ["mask_eps=0"], ["mask_eps must be in (0, 1)"]),
+    ("pretrain", PRETRAIN + ["objective=mlm"], ["objective 'mlm' is not one of"]),
+    ("pretrain", PRETRAIN + ["semi_ar_frac=0.5", "clean_prefix_frac=0.75"], ["must be <= 1"]),
+    ("pretrain", PRETRAIN + ["mixed_precision=fp8"], ["mixed_precision 'fp8'"]),
+    # ---- scripts/make_distill_data.py
+    ("make_distill_data", ["--model", "testbed/teacher", "--source", "testbed", "--out", "{fx}/x.jsonl"],
+     ["needs --n"]),
+]
+
+
+@pytest.mark.parametrize("cmd,argv,words", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_bad_input_is_one_clear_line_and_exit_2(cmd, argv, words, fx, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("D2F_DEBUG", raising=False)
+    if "tpu" in argv and torch.cuda.is_available():
+        pass  # the device check does not depend on the machine for an unknown name
+    argv = [a.replace("{fx}", str(fx)) for a in argv]
+    rc = run_main(_cmd(cmd), argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    last = err.splitlines()[-1] if err else ""
+    assert "Traceback" not in err and last.startswith("error: "), err
+    for w in words:
+        assert w in last, (w, last)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_on_a_cpu_machine_is_refused_before_loading(capsys):
+    rc = run_main(_cmd("generate"), GEN + ["--device", "cuda"])
+    assert rc == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    from d2f.errors import UserError
+    monkeypatch.setenv("D2F_DEBUG", "1")
+    with pytest.raises(UserError, match="temperature"):
+        run_main(_cmd("generate"), GEN + ["--temperature", "inf"])
+
+
+def test_a_bug_is_not_hidden():
+    def broken(argv):
+        raise KeyError("internal")
+    with pytest.raises(KeyError):
+        run_main(broken, [])
