@@ -34,11 +34,14 @@ from d2f.models import shift_logits
 
 
 def d2f_distill_loss(student_logits: Tensor, teacher_logits: Tensor, masked: Tensor, ratio: Tensor,
-                     logits_shift: int = 0) -> dict[str, Tensor]:
+                     logits_shift: int = 0, data_targets: Tensor | None = None) -> dict[str, Tensor]:
     """Soft cross-entropy of the student against the teacher at masked positions, / block ratio.
 
     student_logits, teacher_logits: (B, L, V). masked: (B, L) bool. ratio: (B, L) float, the mask
     ratio of each token's block (> 0 wherever masked). logits_shift: 1 for Dream, 0 for LLaDA.
+    data_targets: (B, L) clean token ids to train on instead of the teacher's distribution (plain
+    masked-token cross-entropy, the ablation of the distillation); the teacher still gives kl and
+    agreement, so both losses are measured against it.
 
     Returns a dict of named parts; only `loss` carries a gradient:
       loss             the weighted soft cross-entropy averaged over masked tokens
@@ -67,15 +70,19 @@ def d2f_distill_loss(student_logits: Tensor, teacher_logits: Tensor, masked: Ten
         t_logp = F.log_softmax(teacher_logits[masked].float(), dim=-1)  # (M, V)
         t_p = t_logp.exp()
     s_logp = F.log_softmax(s, dim=-1)
-    ce = -(t_p * s_logp).sum(-1)  # (M,)
+    ce = -(t_p * s_logp).sum(-1)  # (M,) against the teacher
     w = ratio[masked].float()
     if bool((w <= 0).any()):
         raise ValueError("a masked token has mask ratio <= 0; ratios must be > 0 where masked")
-    loss = (ce / w).sum() / n
+    if data_targets is not None:  # after shift_logits row i predicts token i in both families
+        trained = -s_logp.gather(-1, data_targets[masked][:, None])[:, 0]  # (M,) against the data
+    else:
+        trained = ce
+    loss = (trained / w).sum() / n
     with torch.no_grad():
         ent = -(t_p * t_logp).sum(-1)
         parts = {
-            "ce": ce.mean().detach(),
+            "ce": trained.mean().detach(),
             "kl": (ce - ent).mean().detach(),
             "teacher_entropy": ent.mean(),
             "agreement": (s.argmax(-1) == t_p.argmax(-1)).float().mean(),

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,6 +85,8 @@ class DataSection:
     answer_end: str | None = None  # token appended after the answer, before EOS padding
     max_length: int = 512  # every sequence is padded (with EOS) / truncated to this
     limit: int | None = None  # use only the first N records
+    teacher_answers: int = 0  # > 0 and `source` (a .jsonl) missing: write it first, the teacher's answers to
+    #                           this many testbed train problems (scripts/make_distill_data.py, Fast-dLLM)
 
 
 @dataclass
@@ -132,6 +136,8 @@ class DistillConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | none | path to a checkpoint
     merge: bool = False  # also write merged full weights to <output_dir>/merged
+    targets: str = "teacher"  # teacher: the teacher's distribution (D2F); data: the clean tokens (plain
+    #                           masked-token CE on the same noise and attention, the ablation of distillation)
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -169,6 +175,9 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if d.teacher_answers < 0 or (d.teacher_answers > 0 and not d.source.endswith(".jsonl")):
+        raise ConfigError(f"data.teacher_answers={d.teacher_answers} needs a count >= 0 and a .jsonl data.source to "
+                          f"write, got source {d.source!r}")
     if d.limit is not None and d.limit <= 0:
         raise ConfigError(f"data.limit must be > 0 (or null for all), got {d.limit}")
     for name in ("log_every",):
@@ -181,6 +190,8 @@ def validate(cfg: DistillConfig) -> None:
     if e.every < 0 or (e.every > 0 and (e.num_prompts <= 0 or e.max_new_tokens <= 0)):
         raise ConfigError(f"eval needs every >= 0, and num_prompts > 0 and max_new_tokens > 0 when on; got every="
                           f"{e.every}, num_prompts={e.num_prompts}, max_new_tokens={e.max_new_tokens}")
+    if cfg.targets not in ("teacher", "data"):
+        raise ConfigError(f"targets {cfg.targets!r} is not one of 'teacher' (distillation) or 'data' (masked-token CE)")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not one of float32, bfloat16, float16")
 
@@ -204,6 +215,26 @@ def check_model_source(name: str) -> None:
 # =============================================================================================
 
 PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "question"), ("answer", "response")
+
+
+def make_teacher_answers(cfg: DistillConfig) -> None:
+    """Write data.source from the teacher on first use: its answers to data.teacher_answers testbed train
+    problems, decoded with Fast-dLLM (dual cache, threshold 0.9; the settings configs/d2f_tiny.yaml names).
+    The main process writes (atomically, with progress lines); the others wait for the file."""
+    out = Path(cfg.data.source)
+    if os.environ.get("RANK", "0") != "0":
+        while not out.is_file():
+            time.sleep(2)  # the launcher stops every process if the main one fails
+        return
+    print(f"[distill] {out} does not exist: writing the teacher's answers to {cfg.data.teacher_answers} testbed "
+          "train problems first", flush=True)
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "make_distill_data.py"),
+           "--model", cfg.model.base, "--source", "testbed", "--n", str(cfg.data.teacher_answers), "--out", str(out),
+           "--mode", "fast-dllm", "--max-new-tokens", "128", "--block-size", "32", "--batch-size", "100"]
+    if cfg.model.tokenizer:
+        cmd += ["--tokenizer", cfg.model.tokenizer]
+    if subprocess.run(cmd).returncode != 0:
+        raise ConfigError(f"could not write the teacher's answers to {str(out)!r} (see the lines above)")
 
 
 def read_records(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
@@ -377,7 +408,7 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
 # =============================================================================================
 
 def distill_step(model, peft_model, ids, prompt_len, noise: NoiseSection, mask_id: int, eos_id: int,
-                 logits_shift: int, generator: torch.Generator) -> dict:
+                 logits_shift: int, generator: torch.Generator, targets: str = "teacher") -> dict:
     """Noise the batch, run teacher (full attention) and student (block-causal), return loss parts.
 
     model: the (possibly DDP/DeepSpeed-wrapped) student used for the gradient; peft_model: the
@@ -391,7 +422,8 @@ def distill_step(model, peft_model, ids, prompt_len, noise: NoiseSection, mask_i
     with torch.no_grad(), peft_model.disable_adapter():
         teacher_logits = peft_model(noised.noisy_ids)  # (B, L, V) full attention
     student_logits = model(noised.noisy_ids, mask=masks.block_causal(prompt_len, noise.block_size))
-    return d2f_distill_loss(student_logits, teacher_logits, masked, noised.ratio, logits_shift)
+    return d2f_distill_loss(student_logits, teacher_logits, masked, noised.ratio, logits_shift,
+                            data_targets=ids if targets == "data" else None)
 
 
 # =============================================================================================
@@ -466,6 +498,8 @@ def main(argv=None) -> dict:
     validate(cfg)
     check_model_source(cfg.model.base)
     ckpt, changed = find_resume_checkpoint(cfg)
+    if cfg.data.teacher_answers > 0 and not Path(cfg.data.source).is_file():
+        make_teacher_answers(cfg)
     records = read_records(cfg.data.source, cfg.data.split, cfg.data.limit)
     pf, af = resolve_fields(records, cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field)
     from d2f.models import load_model, preset_config, PRESETS
@@ -558,7 +592,8 @@ def main(argv=None) -> dict:
             # noise is a pure function of (seed, rank, data position): exact resume for free
             gen = torch.Generator().manual_seed(hash((cfg.seed, rank, micro)) & (2**62 - 1))
             with accelerator.accumulate(model):
-                parts = distill_step(model, peft_model, ids, plen, cfg.noise, mask_id, eos_id, logits_shift, gen)
+                parts = distill_step(model, peft_model, ids, plen, cfg.noise, mask_id, eos_id, logits_shift, gen,
+                                     cfg.targets)
                 accelerator.backward(parts["loss"])
                 grad_norm = None
                 if accelerator.sync_gradients:

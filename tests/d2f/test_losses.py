@@ -44,6 +44,27 @@ def test_loss_matches_hand_computation_two_blocks():
     assert d2f_distill_loss(s2, t2, masked, ratio)["loss"].item() == pytest.approx(want, rel=1e-6)
 
 
+def test_data_targets_train_plain_masked_token_ce_and_still_measure_the_teacher():
+    """targets=data (the ablation): CE of the clean token at masked positions, / ratio; kl and agreement
+    are still against the teacher, so both recipes log the same gap."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    ids = torch.randint(0, 5, (2, 6))
+    masked = torch.zeros(2, 6, dtype=torch.bool)
+    masked[:, 2:5] = True
+    ratio = torch.full((2, 6), 0.5)
+    out = d2f_distill_loss(s, t, masked, ratio, data_targets=ids)
+    logp = torch.log_softmax(s, -1)
+    ce = torch.stack([-logp[b, i, ids[b, i]] for b in range(2) for i in range(2, 5)])
+    assert out["loss"].item() == pytest.approx((ce / 0.5).mean().item(), rel=1e-6)
+    assert out["ce"].item() == pytest.approx(ce.mean().item(), rel=1e-6)
+    assert out["kl"].item() == pytest.approx(d2f_distill_loss(s, t, masked, ratio)["kl"].item(), rel=1e-6)
+    # Dream: after the shift row i-1 scores token i, as for the teacher
+    shifted = d2f_distill_loss(s, t, masked, ratio, logits_shift=1, data_targets=ids)["loss"]
+    manual = d2f_distill_loss(s[:, :-1], t[:, :-1], masked[:, 1:], ratio[:, 1:], data_targets=ids[:, 1:])["loss"]
+    assert shifted.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
 def test_dream_shift_applies_to_both():
     torch.manual_seed(0)
     s, t = torch.randn(2, 6, 5), torch.randn(2, 6, 5)

@@ -452,3 +452,14 @@ def test_checkpoint_listing_ignores_partial_saves_and_prunes_oldest(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-10"
     prune_checkpoints(tmp_path, keep_last=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 10]
+
+
+def test_d2f_tiny_writes_the_teacher_answers_it_needs_on_first_use(tmp_path):
+    """configs/d2f_tiny.yaml on a fresh clone: data.source does not exist yet, so the recipe first writes
+    the teacher's answers (data.teacher_answers of them), then trains on them."""
+    data = tmp_path / "answers.jsonl"
+    res = run_main(["--config", str(REPO / "configs/d2f_tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                    f"data.source={data}", "data.teacher_answers=4", "max_steps=1", "batch_size=2", "eval.every=0"])
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    assert len(rows) == 4 and all(r["answer"] and "question" in r for r in rows)
+    assert res["step"] == 1 and (tmp_path / "run" / "adapter" / "d2f_base.json").is_file()
