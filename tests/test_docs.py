@@ -43,6 +43,7 @@ SKIP = {
     "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml train/distill.py --config "
     "configs/d2f_llada.yaml": f"{HUB}; {GPU}",
     "python -m infer.bench": f"{GPU} (on a CPU it is the tiny-shape line, which runs)",
+    "python scripts/distill_ablation.py": f"{HOURS} (tests/train/test_ablation.py runs it on 2 problems)",
     "bash scripts/gpu_bench.sh outputs/gpu_bench": GPU,
 }
 
@@ -74,18 +75,13 @@ RUN = {
     "python -m infer.bench --shapes tiny-llada,tiny-dream":
         [("+", "--batch-sizes 1 --samples-b1 1 --backends sdpa --no-hf --output-dir {tmp}/b")],
     "python -m infer.bench --record": [("+", "--record-problems 1 --traces {tmp}/traces.json")],
+    "python train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny":
+        [("runs/d2f_tiny", "{tmp}/d2f"),
+         ("+", "data.source={tmp}/distill.jsonl data.teacher_answers=8 max_steps=2 eval.every=0")],
 }
 
 # commands that run in this order in one test, each with its own changes
 CHAINS = {
-    "distill": [
-        ("python scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed "
-         "--n 800 --mode fast-dllm --max-new-tokens 128 --batch-size 100 --out data/distill/testbed_train.jsonl",
-         [("--n 800", "--n 8"), ("--batch-size 100", "--batch-size 8"),
-          ("data/distill/testbed_train.jsonl", "{tmp}/distill.jsonl")]),
-        ("python train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny",
-         [("runs/d2f_tiny", "{tmp}/d2f"), ("+", "data.source={tmp}/distill.jsonl max_steps=2 eval.every=0")]),
-    ],
     "try-it": [
         (".venv/bin/python scripts/make_distill_data.py --model testbed/teacher --source testbed --n 64 --mode "
          "fast-dllm --max-new-tokens 128 --batch-size 64 --out data/distill/try.jsonl",
