@@ -18,6 +18,12 @@ class TestbedMissing(UserError, FileNotFoundError):
     pass
 
 
+def role_for_mode(mode: str) -> str:
+    """The testbed model a decoding mode uses by default: the teacher for vanilla and Fast-dLLM, the
+    student (teacher + D2F adapter) for d2f, the AR baseline for ar."""
+    return {"d2f": "student", "ar": "ar"}.get(mode, "teacher")
+
+
 def _existing(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise TestbedMissing(f"the testbed {what} is not at {str(path)!r}. Rebuild it with "

@@ -16,92 +16,22 @@ for that batch (prompt processing included); NFE and tokens per forward are repo
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from d2f.errors import UserError
 from infer import ar, d2f, fast_dllm, vanilla
 from infer.batch import cut_at_eos, make_batch
+from infer.decode_config import MODES, DecodeConfig, DecodeConfigError
+from infer.eval import synchronize
 from infer.steps import StepLog
 
-MODES = ("vanilla", "fast-dllm", "d2f", "ar")
-CACHES = ("none", "prefix", "dual")
-RULES = ("topk", "threshold", "factor")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-
-
-class DecodeConfigError(UserError):
-    """A bad decoding setting."""
-
-
-@dataclass
-class DecodeConfig:
-    mode: str = "d2f"
-    max_new_tokens: int = 256  # gen length (the answer budget)
-    block_size: int = 32
-    steps: int | None = None  # vanilla / fast-dllm topk: total forwards; default = max_new_tokens
-    temperature: float = 0.0  # 0 = greedy; > 0 = Gumbel-max in float64
-    cache: str = "prefix"  # fast-dllm: none | prefix | dual. d2f: "none" = recompute everything (reference)
-    rule: str = "threshold"  # fast-dllm commit rule: topk | threshold | factor
-    threshold: float = 0.9
-    factor: float = 1.0
-    tau_add: float = 0.7
-    tau_act: float = 0.95
-    tau_conf: float = 0.9
-    seed: int = 0
-
-    def __post_init__(self):
-        self.validate()
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps if self.steps is not None else self.max_new_tokens
-
-    def validate(self) -> "DecodeConfig":
-        err = DecodeConfigError
-        if self.mode not in MODES:
-            raise err(f"mode {self.mode!r} is not one of {MODES}")
-        for name in ("max_new_tokens", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise err(f"{name} must be a positive integer, got {v!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
-            raise err(f"steps must be a positive integer, got {self.steps!r}")
-        for name in ("temperature", "threshold", "factor", "tau_add", "tau_act", "tau_conf"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise err(f"{name} must be a finite number, got {v!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise err(f"seed must be an integer, got {self.seed!r}")
-        if not self.temperature >= 0:
-            raise err(f"temperature must be >= 0, got {self.temperature!r}")
-        for name in ("threshold", "tau_add", "tau_act", "tau_conf"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise err(f"{name} must be in [0, 1], got {v!r}")
-        if not self.factor > 0:
-            raise err(f"factor must be > 0, got {self.factor!r}")
-        if self.cache not in CACHES:
-            raise err(f"cache {self.cache!r} is not one of {CACHES}")
-        if self.rule not in RULES:
-            raise err(f"rule {self.rule!r} is not one of {RULES}")
-        if self.mode != "ar" and self.max_new_tokens % self.block_size:
-            raise err(f"max_new_tokens {self.max_new_tokens} is not a multiple of block_size {self.block_size} "
-                      f"(mode {self.mode!r} decodes whole blocks); e.g. use max_new_tokens "
-                      f"{-(-self.max_new_tokens // self.block_size) * self.block_size}")
-        if self.mode == "vanilla" or (self.mode == "fast-dllm" and self.rule == "topk"):
-            n_blocks = self.max_new_tokens // self.block_size
-            if self.total_steps % n_blocks:
-                raise err(f"steps {self.total_steps} is not a multiple of the number of blocks {n_blocks} "
-                          f"(max_new_tokens {self.max_new_tokens} / block_size {self.block_size})")
-        return self
 
 
 @dataclass
@@ -200,11 +130,6 @@ def _decoder_kwargs(cfg: DecodeConfig, eos_id) -> dict:
     return {}
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | None = None,
              on_step: Callable | None = None, trace: bool = False, **decoder_kwargs) -> list[Result]:
@@ -244,7 +169,7 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
         with sdpa_kernel(DECODE_SDPA_KERNELS):
             DECODERS[cfg.mode](model, batch, cfg, log, generator, **kwargs)
         answers = batch.answer().tolist()
-        _sync(device)
+        synchronize(device)
         wall = time.perf_counter() - t0
         nfes = log.nfe
         for i, row in enumerate(answers):
@@ -271,7 +196,6 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-TESTBED_ROLE = {"vanilla": "teacher", "fast-dllm": "teacher", "d2f": "student", "ar": "ar"}
 
 
 def _is_ours(name: str) -> bool:
@@ -410,7 +334,7 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
         check_reference(what, ref)
     tok_path = tokenizer
     if model is None:
-        role = TESTBED_ROLE[mode]
+        role = testbed.role_for_mode(mode)
         if role == "student":
             adapter = adapter or str(testbed.model_path("student"))
             model = str(testbed.model_path("teacher"))
@@ -455,6 +379,3 @@ def format_prompt(tokenizer, text: str, chat: bool = True) -> str:
     from d2f.data.tokenizer import chat_text
     return chat_text(tokenizer, text, chat)
 
-
-def config_dict(cfg: DecodeConfig) -> dict:
-    return asdict(cfg)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import causal
-from infer.batch import Batch, drop_finished, new_cache
+from infer.batch import Batch, drop_finished, new_cache, write_back
 from infer.sampling import predict
 from infer.steps import StepLog
 
@@ -66,8 +66,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
             batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
             active = active[keep]
             pattern = causal(batch.key_valid)
-    if batch is not orig:
-        orig.x[rows] = batch.x
+    write_back(orig, batch, rows)
 
 
 @torch.no_grad()
@@ -93,5 +92,4 @@ def decode_hf(model, batch: Batch, cfg, log: StepLog, generator, use_cache: bool
             active, attn = active[keep], attn[keep]
             if past is not None:
                 past.batch_select_indices(keep)
-    if batch is not orig:
-        orig.x[rows] = batch.x
+    write_back(orig, batch, rows)

@@ -118,6 +118,12 @@ def drop_finished(orig: Batch, batch: Batch, rows: Tensor, active: Tensor, cache
     return batch.select(keep), rows[keep], keep
 
 
+def write_back(orig: Batch, batch: Batch, rows: Tensor) -> None:
+    """At the end of decoding: the rows still in a compacted `batch` go back to their place in `orig`."""
+    if batch is not orig:
+        orig.x[rows] = batch.x
+
+
 def new_cache(model, batch: int, length: int) -> KVCache:
     """The KV cache a decoder uses: the model's own when it brings one (`infer.graphs.StaticForward`
     keeps one with static shapes, for CUDA graphs), else a fresh `KVCache` of `length` rows."""

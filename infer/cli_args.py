@@ -17,7 +17,7 @@ from d2f.config import from_dict
 
 
 def _decode_config_cls():
-    from infer.api import DecodeConfig  # imported late: the engine imports torch and the models
+    from infer.decode_config import DecodeConfig
     return DecodeConfig
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from d2f.config import ConfigError, from_dict, load_config
+from d2f.testbed import role_for_mode
 from infer import eval as E
 from infer import prompts as P
 
@@ -77,7 +78,7 @@ class Row:
 # ----------------------------------------------------------------------------- config -> rows
 
 def _decode_cls():
-    from infer.api import DecodeConfig
+    from infer.decode_config import DecodeConfig
 
     return DecodeConfig
 
@@ -132,10 +133,6 @@ def row_dir(out_dir: Path, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- models
 
-def model_role(mode: str) -> str:
-    return {"d2f": "student", "ar": "ar"}.get(mode, "teacher")
-
-
 def looks_available(name: str) -> bool:
     """A local path that exists, a model preset, or something shaped like a hub id ("owner/name")."""
     from d2f.models import PRESETS
@@ -152,7 +149,7 @@ class OneModel:
         self.key, self.value = None, None
 
     def get(self, row: Row):
-        key = (row.model, row.adapter, row.tokenizer, model_role(row.decode.mode))
+        key = (row.model, row.adapter, row.tokenizer, role_for_mode(row.decode.mode))
         if key != self.key:
             self.release()
             for what, name in (("model", row.model), ("adapter", row.adapter)):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import block_causal
-from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache
+from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache, write_back
 from infer.sampling import commit_threshold, predict
 from infer.steps import StepLog
 
@@ -130,5 +130,4 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
             added, full_act, finished, exact_end, active = (t[keep] for t in (added, full_act, finished, exact_end,
                                                                                active))
             B = len(keep)
-    if batch is not orig:
-        orig.x[rows] = batch.x
+    write_back(orig, batch, rows)

@@ -41,7 +41,6 @@ SUMMARY = "summary.json"
 RUN = "run.json"
 # A base model keeps writing the next "Question: ..." after its answer; everything from there on is
 # not part of the answer (lm-evaluation-harness's gsm8k task stops at the same string).
-STOP_STRINGS = ("Question:",)
 
 
 class RunMismatch(UserError):
@@ -66,15 +65,6 @@ def make_prompts(tokenizer, problems: list[dict], shots: int = 4, source: str = 
     examples = P.select_shots(shots, source=source, exclude=[p["question"] for p in problems], seed=shot_seed,
                               shots_from=shots_from)
     return [P.build_prompt(tokenizer, p["question"], examples, chat=chat) for p in problems]
-
-
-def cut_at_stop(text: str, stops=STOP_STRINGS) -> str:
-    cut = len(text)
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -204,7 +194,7 @@ def summarize(records: list[dict]) -> dict:
 def make_record(index: int, problem: dict, result, wall_time: float, batch_id: int, batch_size: int) -> dict:
     from d2f.data.extract import extract_answer, is_correct
 
-    answer = cut_at_stop(result.text)
+    answer = P.cut_at_stop(result.text)
     return {
         "index": index,
         "question": problem["question"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache
+from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache, write_back
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog
 
@@ -86,5 +86,4 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
             active = active[keep]
             pattern = batch.full_pattern()
             B = len(keep)
-    if batch is not orig:
-        orig.x[rows] = batch.x
+    write_back(orig, batch, rows)

@@ -36,27 +36,18 @@ except ImportError:  # pragma: no cover - exercised when lm-eval is not installe
 
 from d2f.config import from_dict
 from d2f.errors import UserError
+from infer.prompts import cut_at_stop
 
 LOGLIKELIHOOD_ERROR = ("the d2f model does not support loglikelihood requests: diffusion LMs (LLaDA, Dream) have "
                        "no exact sequence likelihood, only an ELBO. Use generation tasks (e.g. --tasks gsm8k).")
 
 
 def _decode_cls():
-    from infer.api import DecodeConfig
+    from infer.decode_config import DecodeConfig
 
     return DecodeConfig
 
 
-def cut_at_stops(text: str, until) -> str:
-    if isinstance(until, str):
-        until = [until]
-    cut = len(text)
-    for s in until or []:
-        if s:
-            i = text.find(s)
-            if i >= 0:
-                cut = min(cut, i)
-    return text[:cut]
 
 
 def resolve_device(device: str | None) -> str:
@@ -149,7 +140,7 @@ class D2FLM(_Base):
                     text = res.text
                     if len(res.token_ids) > max_gen_toks:
                         text = self.tokenizer.decode(list(res.token_ids[:max_gen_toks]), skip_special_tokens=True)
-                    out[i] = cut_at_stops(text, until)
+                    out[i] = cut_at_stop(text, until)
                     if hasattr(self, "cache_hook"):
                         self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out  # type: ignore[return-value]

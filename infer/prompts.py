@@ -110,3 +110,18 @@ def build_prompt(tokenizer, question: str, shots: list[dict], chat: str | bool =
 
         return format_prompt(tokenizer, question.strip(), chat=True)
     return tokenizer.apply_chat_template(chat_messages(question, shots), tokenize=False, add_generation_prompt=True)
+
+
+STOP_STRINGS = ("Question:",)  # where a few-shot prompt's next example would start
+
+
+def cut_at_stop(text: str, stops=STOP_STRINGS) -> str:
+    """text up to the first of `stops` (a string or a list; empty ones ignored)."""
+    if isinstance(stops, str):
+        stops = [stops]
+    cut = len(text)
+    for s in stops or []:
+        i = text.find(s) if s else -1
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]

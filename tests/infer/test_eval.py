@@ -12,6 +12,7 @@ import torch
 
 from d2f.models import build_model, preset_config, save_pretrained
 from infer import eval as E
+from infer import prompts as P
 from infer.api import DecodeConfig, generate
 
 EOS, PAD, MASK = 1, 0, 2  # the testbed tokenizer's special ids
@@ -107,8 +108,8 @@ def test_real100_gold_answer_scores_one_and_a_wrong_one_zero():
 
 
 def test_cut_at_stop():
-    assert E.cut_at_stop("3 + 4 = 7\n#### 7\n\nQuestion: what") == "3 + 4 = 7\n#### 7\n\n"
-    assert E.cut_at_stop("#### 7") == "#### 7"
+    assert P.cut_at_stop("3 + 4 = 7\n#### 7\n\nQuestion: what") == "3 + 4 = 7\n#### 7\n\n"
+    assert P.cut_at_stop("#### 7") == "#### 7"
 
 
 # ----------------------------------------------------------------------------- throughput through the engine

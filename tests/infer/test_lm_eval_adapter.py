@@ -11,7 +11,7 @@ import torch
 import infer.api
 from d2f.models import build_model, preset_config, save_pretrained
 from infer.api import DecodeConfig, Result, generate
-from infer.lm_eval_adapter import D2FLM, LOGLIKELIHOOD_ERROR, cut_at_stops
+from infer.lm_eval_adapter import D2FLM, LOGLIKELIHOOD_ERROR, cut_at_stop
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,7 +81,7 @@ def test_generate_until_through_the_real_engine_matches_generate():
                block_size=8)
     out = lm.generate_until([request(c, until=["Question:"], max_gen_toks=256) for c in contexts])
     cfg = DecodeConfig(mode="fast-dllm", cache="dual", max_new_tokens=16, block_size=8)
-    alone = [cut_at_stops(r.text, ["Question:"]) for r in generate(model, tok, contexts, cfg, batch_size=1)]
+    alone = [cut_at_stop(r.text, ["Question:"]) for r in generate(model, tok, contexts, cfg, batch_size=1)]
     assert out == alone  # batching (left padding) does not change answers
 
 

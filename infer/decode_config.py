@@ -1,0 +1,82 @@
+"""The decoding settings of every mode: one dataclass, validated, with no torch import (commands parse
+and check their options before anything heavy loads). `infer.api` re-exports all of it.
+
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_conf=0.99)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from d2f.errors import UserError
+
+MODES = ("vanilla", "fast-dllm", "d2f", "ar")
+CACHES = ("none", "prefix", "dual")
+RULES = ("topk", "threshold", "factor")
+
+
+class DecodeConfigError(UserError):
+    """A bad decoding setting."""
+
+
+@dataclass
+class DecodeConfig:
+    mode: str = "d2f"
+    max_new_tokens: int = 256  # gen length (the answer budget)
+    block_size: int = 32
+    steps: int | None = None  # vanilla / fast-dllm topk: total forwards; default = max_new_tokens
+    temperature: float = 0.0  # 0 = greedy; > 0 = Gumbel-max in float64
+    cache: str = "prefix"  # fast-dllm: none | prefix | dual. d2f: "none" = recompute everything (reference)
+    rule: str = "threshold"  # fast-dllm commit rule: topk | threshold | factor
+    threshold: float = 0.9
+    factor: float = 1.0
+    tau_add: float = 0.7
+    tau_act: float = 0.95
+    tau_conf: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else self.max_new_tokens
+
+    def validate(self) -> "DecodeConfig":
+        err = DecodeConfigError
+        if self.mode not in MODES:
+            raise err(f"mode {self.mode!r} is not one of {MODES}")
+        for name in ("max_new_tokens", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise err(f"{name} must be a positive integer, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
+            raise err(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("temperature", "threshold", "factor", "tau_add", "tau_act", "tau_conf"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise err(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise err(f"seed must be an integer, got {self.seed!r}")
+        if not self.temperature >= 0:
+            raise err(f"temperature must be >= 0, got {self.temperature!r}")
+        for name in ("threshold", "tau_add", "tau_act", "tau_conf"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise err(f"{name} must be in [0, 1], got {v!r}")
+        if not self.factor > 0:
+            raise err(f"factor must be > 0, got {self.factor!r}")
+        if self.cache not in CACHES:
+            raise err(f"cache {self.cache!r} is not one of {CACHES}")
+        if self.rule not in RULES:
+            raise err(f"rule {self.rule!r} is not one of {RULES}")
+        if self.mode != "ar" and self.max_new_tokens % self.block_size:
+            raise err(f"max_new_tokens {self.max_new_tokens} is not a multiple of block_size {self.block_size} "
+                      f"(mode {self.mode!r} decodes whole blocks); e.g. use max_new_tokens "
+                      f"{-(-self.max_new_tokens // self.block_size) * self.block_size}")
+        if self.mode == "vanilla" or (self.mode == "fast-dllm" and self.rule == "topk"):
+            n_blocks = self.max_new_tokens // self.block_size
+            if self.total_steps % n_blocks:
+                raise err(f"steps {self.total_steps} is not a multiple of the number of blocks {n_blocks} "
+                          f"(max_new_tokens {self.max_new_tokens} / block_size {self.block_size})")
+        return self
