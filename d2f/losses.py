@@ -1,4 +1,4 @@
-"""The D2F asymmetric distillation loss (DESIGN.md §4).
+"""The D2F asymmetric distillation loss (docs/design.md §5).
 
 The teacher (frozen dLLM, full attention) and the student (same weights + LoRA, block-causal
 attention) read the same noisy sequence. At every masked position the student's distribution

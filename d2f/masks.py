@@ -1,4 +1,4 @@
-"""The one definition of the attention patterns used everywhere (DESIGN.md §2).
+"""The one definition of the attention patterns used everywhere (docs/design.md §2).
 
 Every backend (dense SDPA masks, flex-attention block masks, the Triton kernel in
 `kernels/`) is derived from `block_index` / `allowed` below and tested against them.

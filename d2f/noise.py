@@ -3,7 +3,7 @@
     noised = add_block_noise(ids, prompt_len, block_size, mask_id, generator)
     noised.noisy_ids, noised.masked, noised.ratio      # each (B, L)
 
-Sequence layout (DESIGN.md §4): sample b is `prompt (prompt_len[b] tokens) + answer`, the answer
+Sequence layout (docs/design.md §5): sample b is `prompt (prompt_len[b] tokens) + answer`, the answer
 cut into blocks of `block_size` starting at index prompt_len[b] (the last block may be partial).
 The prompt is never masked. Each sample draws one mask ratio per answer block and every token
 of block k is masked independently with probability p_k.

@@ -6,7 +6,7 @@
     [res] = generate(model, tok, [format_prompt(tok, "What is 2 + 3?")], cfg)
     print(res.text, res.nfe, res.tokens_per_s)
 
-Modes (DESIGN.md §3): "vanilla" (LLaDA low-confidence remasking), "fast-dllm" (prefix / dual /
+Modes (docs/design.md §3): "vanilla" (LLaDA low-confidence remasking), "fast-dllm" (prefix / dual /
 no cache x topk / threshold / factor), "d2f" (pipelined block decoding with an exact cache),
 "ar" (KV-cached autoregressive decoding of causal models, ours or any HF causal LM).
 

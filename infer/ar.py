@@ -1,4 +1,4 @@
-"""Autoregressive decoding with a real KV cache (DESIGN.md §3, "AR baseline").
+"""Autoregressive decoding with a real KV cache (docs/design.md §3, "AR baseline").
 
 Two model families:
 - ours with `config.is_causal` (the testbed AR baseline, `tiny-ar`): `d2f.cache.KVCache`, the

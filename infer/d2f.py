@@ -1,4 +1,4 @@
-"""D2F pipelined parallel decoding (DESIGN.md §3, "D2F pipelined parallel decoding").
+"""D2F pipelined parallel decoding (docs/design.md §3, "D2F pipelined parallel decoding").
 
 The prompt is block 0; answer blocks of `block_size` are appended one at a time to a window of
 in-flight blocks, all decoded in parallel under the block-causal pattern, so keys/values of

@@ -14,7 +14,7 @@ Writes to --output-dir:
   error (use --overwrite or another --output-dir) so a file never mixes two configurations.
 - summary.json: accuracy, tokens/s, NFE, tokens per forward, answer length, latency p50/p95.
 
-How speed is counted (DESIGN.md §3): answer tokens up to and including the first EOS (the engine's
+How speed is counted (docs/design.md §3, "How speed is counted"): answer tokens up to and including the first EOS (the engine's
 `Result.num_tokens`), divided by the wall time of the generate calls, prompt processing included.
 We read the clock ourselves around each call, after synchronising the device, so the figure does not
 depend on how the engine times itself. With --batch-size > 1 a problem's latency is its batch's time.

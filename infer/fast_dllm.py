@@ -1,4 +1,4 @@
-"""Fast-dLLM decoding (DESIGN.md §3): block-wise decoding with an approximate KV cache and a
+"""Fast-dLLM decoding (docs/design.md §3, "Fast-dLLM"): block-wise decoding with an approximate KV cache and a
 parallel commit rule. Full attention throughout; the cache only changes which rows are forwarded.
 
 Per block, the loop runs until the block has no masks left:

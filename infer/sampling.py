@@ -1,4 +1,4 @@
-"""Token choice, confidence and the commit rules shared by every decoder (DESIGN.md §3).
+"""Token choice, confidence and the commit rules shared by every decoder (docs/design.md §3, "The shared contract").
 
 Confidences are float64: 0.9 vs 0.9000001 decides which tokens are committed, and the testbed
 models put many positions within 1e-9 of 1, where a float32 probability would tie. They are

@@ -1,4 +1,4 @@
-"""LLaDA semi-autoregressive decoding with low-confidence remasking (DESIGN.md §3, "Vanilla").
+"""LLaDA semi-autoregressive decoding with low-confidence remasking (docs/design.md §3, "Vanilla").
 
 The answer (G slots, all masks) is split into blocks of `block_size`; `steps` forwards are split
 evenly over the blocks. At each step one full forward over prompt + whole answer; the current

@@ -4,7 +4,7 @@ D2F decodes several answer blocks in flight. Each forward feeds a contiguous ran
 indices [q_offset, q_offset + Tq) (the in-flight window, plus rows of finished blocks whose
 final keys/values are being written to the cache) and attends to buffer rows
 [k_offset, k_offset + S) (the cached prefix plus the window: exactly what `KVCache.update`
-returns, with k_offset = 0). The pattern (`d2f.masks.allowed`, DESIGN.md §2) is
+returns, with k_offset = 0). The pattern (`d2f.masks.allowed`, docs/design.md §2) is
 
     block(i) = 0 if i < prompt_len else (i - prompt_len) // block_size + 1
     query q may see key k  iff  block(k) <= block(q)           (block_causal)

@@ -1,4 +1,4 @@
-"""D2F asymmetric distillation: teach a LoRA student block-causal decoding (DESIGN.md §4).
+"""D2F asymmetric distillation: teach a LoRA student block-causal decoding (docs/design.md §5).
 
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml \\
         train/distill.py --config configs/d2f_llada.yaml [key=value ...]
@@ -470,7 +470,7 @@ def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
 
 # what a resumed run must share with its checkpoint (the rest may change: run length, logging, eval, and
 # the optimizer settings, which are applied to the restored optimizer and schedule)
-RESUME_FIXED = ("model", "lora", "data", "noise", "seed", "batch_size", "grad_accum")
+RESUME_FIXED = ("model", "lora", "data", "noise", "seed", "batch_size", "grad_accum", "targets")
 
 
 def find_resume_checkpoint(cfg: DistillConfig) -> tuple[Path | None, dict]:

@@ -184,7 +184,7 @@ def test_default_config_parses_into_the_documented_rows():
                             "llama3-8b-ar"], 32, 0.1),
 ])
 def test_gpu_configs_parse_into_the_public_settings(name, rows, d2f_block, tau_add):
-    """The shipped 8B/7B configs validate offline (no weights needed) and carry DESIGN.md §3's settings."""
+    """The shipped 8B/7B configs validate offline (no weights needed) and carry the settings of docs/design.md §3."""
     cc = C.load_config(C.CompareConfig, C.REPO_ROOT / "configs" / name)
     expanded = C.expand_rows(cc.configs)
     assert [r.name for r in expanded] == rows
