@@ -212,7 +212,8 @@ def resume_changes(ckpt_dir: str | Path, config, fixed: tuple[str, ...]) -> dict
     if not saved_file.is_file():
         return {}
     saved, now = _flatten(yaml.safe_load(saved_file.read_text()) or {}), _flatten(to_dict(config))
-    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    # keys one side lacks are settings added (at their default) or removed since the checkpoint was written
+    changed = {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if saved[k] != now[k]}
     bad = {k: v for k, v in changed.items() if k.split(".")[0] in fixed}
     if bad:
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in bad.items())
