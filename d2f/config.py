@@ -62,7 +62,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
         out = [_convert(v, inner, key) for v in value]
         return tuple(out) if origin is tuple else out
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return dict(value)

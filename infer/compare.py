@@ -95,11 +95,15 @@ def expand_rows(configs: dict, only: list[str] | None = None) -> list[Row]:
     for name, entry in configs.items():
         if only and name not in only:
             continue
-        entry = dict(entry or {})
         where = f"configs.{name}"
+        if entry is not None and not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping of decoding settings, got {entry!r}")
+        entry = dict(entry or {})
         enabled = entry.pop("enabled", True)
-        if isinstance(enabled, str):
+        if isinstance(enabled, str) and enabled.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             enabled = enabled.lower() in ("true", "1", "yes", "on")
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}.enabled: expected true/false, got {enabled!r}")
         if not enabled and not only:
             continue
         model, adapter, sweep = entry.pop("model", None), entry.pop("adapter", None), entry.pop("sweep", None)

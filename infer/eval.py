@@ -117,13 +117,19 @@ def read_predictions(path: Path) -> dict[int, dict]:
     if not path.exists():
         return {}
     records, clean = {}, True
+    dropped = 0
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
+            if not RECORD_KEYS <= set(rec):
+                raise KeyError("incomplete record")
             records[int(rec["index"])] = rec
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             clean = False
+            dropped += line.strip() != ""
     if not clean:
+        print(f"{path}: {dropped} unreadable or incomplete line(s) dropped; those problems are decoded again",
+              file=sys.stderr)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
         os.replace(tmp, path)
@@ -189,6 +195,10 @@ def summarize(records: list[dict]) -> dict:
         "nfe_total": int(nfe.sum()),
         "wall_time_total_s": total_time,
     }
+
+
+RECORD_KEYS = {"index", "question", "gold", "output", "extracted", "correct", "tokens", "nfe", "tokens_per_forward",
+               "wall_time", "engine_wall_time", "batch_id", "batch_size"}  # what make_record writes
 
 
 def make_record(index: int, problem: dict, result, wall_time: float, batch_id: int, batch_size: int) -> dict:

@@ -141,6 +141,9 @@ CASES = [
     ("compare", ["--config", "{fx}/compare.yaml", "--output-dir", "{fx}/cmp"], ["baseline 'teacher-vanila'"]),
     ("compare", ["--only", "nope", "--output-dir", "{fx}/cmp2"], ["--only names unknown configs ['nope']"]),
     ("compare", ["limitt=3", "--output-dir", "{fx}/cmp3"], ["unknown config key 'limitt'", "limit"]),
+    ("compare", ["configs=fo", "--output-dir", "{fx}/cmp4"], ["'configs'", "expected a mapping"]),
+    ("compare", ["configs.ar.enabled=maybe", "--output-dir", "{fx}/cmp5"], ["configs.ar.enabled", "true/false"]),
+    ("compare", ["configs.ar=fast", "--output-dir", "{fx}/cmp6"], ["configs.ar must be a mapping"]),
     # ---- train/distill.py
     ("distill", DISTILL + ["optim.grad_clip=-1"], ["optim.grad_clip must be > 0", "-1"]),
     ("distill", DISTILL + ["optim.lr=nan"], ["optim.lr", "finite"]),

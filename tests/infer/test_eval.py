@@ -283,3 +283,14 @@ def test_k_shot_prompts_come_from_train_and_never_from_the_evaluated_problems():
                 - {p["question"] for p in train[-4:]})
     with pytest.raises(ValueError, match="shots"):
         E.P.select_shots(5, exclude=[p["question"] for p in train[:-4]])
+
+
+def test_incomplete_records_are_dropped_with_a_warning_and_decoded_again(tmp_path, capsys):
+    """A predictions.jsonl line that parses but lacks fields (edited by hand, another tool) is not summarised
+    (it would fail with a KeyError): it is dropped, said on stderr, and that problem is decoded again."""
+    good = {k: 0 for k in E.RECORD_KEYS} | {"index": 1}
+    path = tmp_path / E.PREDICTIONS
+    path.write_text(json.dumps({"index": 0, "output": "x"}) + "\n" + json.dumps(good) + "\n" + '{"index": 2, "q\n')
+    assert list(E.read_predictions(path)) == [1]
+    assert "2 unreadable or incomplete line(s) dropped" in capsys.readouterr().err
+    assert [json.loads(x)["index"] for x in path.read_text().splitlines()] == [1]
