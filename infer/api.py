@@ -106,6 +106,22 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return out
 
 
+def check_vocabulary(model, tokenizer, ids: list[list[int]], mask_id: int | None, mode: str) -> None:
+    """The prompts' token ids must be rows of the model's embedding, and a diffusion model's mask id the
+    tokenizer's mask token (when the tokenizer has one): otherwise the tokenizer belongs to another model."""
+    emb = _base(model).get_input_embeddings()
+    rows = emb.weight.shape[0] if emb is not None else None
+    top = max(max(p) for p in ids)
+    if rows is not None and (top >= rows or min(min(p) for p in ids) < 0):
+        raise DecodeConfigError(f"the prompt has token id {top}, outside the model's vocabulary of {rows}: the "
+                                "tokenizer does not belong to this model; pass the model's own with --tokenizer")
+    tok_mask = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    if mode != "ar" and tok_mask is not None and mask_id is not None and tok_mask != mask_id:
+        raise DecodeConfigError(f"the model's mask_token_id is {mask_id} but its tokenizer's mask token "
+                                f"{getattr(tokenizer, 'mask_token', None)!r} is id {tok_mask}: fix mask_token_id in "
+                                "config.json, or pass the model's own tokenizer")
+
+
 def max_positions(model) -> int | None:
     cfg = _base(model).config
     return getattr(cfg, "max_position_embeddings", None)
@@ -143,6 +159,7 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
         raise TypeError("prompts must be a list of strings or token-id lists, not a single string")
     ids = encode_prompts(tokenizer, prompts)
     mask_id, eos_id, pad_id = special_ids(model, tokenizer)
+    check_vocabulary(model, tokenizer, ids, mask_id, cfg.mode)
     limit = max_positions(model)
     for i, p in enumerate(ids):
         if limit is not None and len(p) + cfg.max_new_tokens > limit:
@@ -205,7 +222,8 @@ def _is_ours(name: str) -> bool:
         return True
     p = Path(name).expanduser()
     if (p / "config.json").is_file():
-        model_type = str(json.loads((p / "config.json").read_text()).get("model_type", "")).lower()
+        from d2f.models.io import read_json
+        model_type = str(read_json(p / "config.json", "config").get("model_type", "")).lower()
         return model_type in ("llada", "dream")
     return any(k in name.lower() for k in ("llada", "dream"))
 
@@ -215,10 +233,15 @@ def _load_tokenizer(path):
     from transformers.utils import logging
     # a tokenizer saved beside one of our checkpoints sits next to a config.json whose model_type (llada)
     # transformers does not know; it warns about that config, which says nothing about the tokenizer
+    from d2f.models import CheckpointError
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:  # missing / broken tokenizer files, offline hub
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the tokenizer from {str(path)!r} ({type(e).__name__}: {first}); pass "
+                              "--tokenizer with a directory holding tokenizer.json (or a hub id reachable here)") from None
     finally:
         logging.set_verbosity(level)
 
@@ -304,16 +327,23 @@ def check_hf_checkpoint(path: Path) -> None:
 def merge_adapter(m, adapter: str, model_name: str):
     """Merge a PEFT LoRA adapter into m, after checking that it was trained on m."""
     from peft import PeftModel
+    from safetensors import SafetensorError
     from d2f.models import CheckpointError
-    from d2f.models.io import check_adapter_base
+    from d2f.models.io import check_adapter_base, read_json
     if not (Path(adapter).expanduser() / "adapter_config.json").is_file() and Path(adapter).expanduser().is_dir():
         raise CheckpointError(f"adapter {adapter!r} has no adapter_config.json; pass a PEFT adapter directory")
     check_adapter_base(m, Path(adapter).expanduser(), model_name)
+    if Path(adapter).expanduser().is_dir():
+        read_json(Path(adapter).expanduser() / "adapter_config.json", "adapter config")
     try:
         return PeftModel.from_pretrained(m, adapter).merge_and_unload()
     except RuntimeError as e:  # size mismatch: an adapter for another architecture or size
         raise CheckpointError(f"adapter {adapter!r} does not fit model {model_name!r}: {str(e).splitlines()[0]} "
                               "(trained on another model?)") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # unreadable or truncated files, offline hub
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load adapter {adapter!r} ({type(e).__name__}: {first}); the files are "
+                              "incomplete or not a PEFT adapter") from None
 
 
 def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None, device="cpu",
@@ -350,7 +380,13 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
             check_hf_checkpoint(Path(model).expanduser())
         # transformers renamed torch_dtype to dtype in 4.56
         key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-        m = transformers.AutoModelForCausalLM.from_pretrained(model, **{key: dt}).to(device)
+        try:
+            m = transformers.AutoModelForCausalLM.from_pretrained(model, **{key: dt}).to(device)
+        except OSError as e:  # not in the cache and the hub unreachable, or no such repo
+            from d2f.models import CheckpointError
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"cannot load model {model!r} ({first}); pass a local checkpoint directory, or "
+                                  "check the hub id and the network") from None
     if adapter is not None:
         m = merge_adapter(m, adapter, model)
     m.eval()

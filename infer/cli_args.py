@@ -57,6 +57,10 @@ def decode_overrides(args: argparse.Namespace) -> dict:
 
 def decode_config_from_args(args: argparse.Namespace, base: dict | None = None):
     """DecodeConfig from `base` (e.g. {"mode": "d2f"}) <- command-line options; typed and validated."""
+    from infer.decode_config import check_fields_apply
     data = dict(base or {})
-    data.update(decode_overrides(args))
-    return from_dict(_decode_config_cls(), data, where="decoding options")
+    given = decode_overrides(args)
+    data.update(given)
+    cfg = from_dict(_decode_config_cls(), data, where="decoding options")
+    check_fields_apply(cfg.mode, given)
+    return cfg

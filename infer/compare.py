@@ -109,6 +109,10 @@ def expand_rows(configs: dict, only: list[str] | None = None) -> list[Row]:
         model, adapter, sweep = entry.pop("model", None), entry.pop("adapter", None), entry.pop("sweep", None)
         tokenizer = entry.pop("tokenizer", None)
         base = from_dict(_decode_cls(), entry, where=where)
+        from infer.decode_config import check_fields_apply
+        sweep_params = [] if not isinstance(sweep, dict) else (
+            sweep.get("param") if isinstance(sweep.get("param"), list) else str(sweep.get("param", "")).split("+"))
+        check_fields_apply(base.mode, set(entry) | {p.strip() for p in sweep_params if p.strip()}, where=f"{where}: ")
         if sweep is None:
             rows.append(Row(name, name, model, adapter, base, tokenizer=tokenizer))
             continue

@@ -56,8 +56,8 @@ class DecodeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise err(f"{name} must be a finite number, got {v!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise err(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise err(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not self.temperature >= 0:
             raise err(f"temperature must be >= 0, got {self.temperature!r}")
         for name in ("threshold", "tau_add", "tau_act", "tau_conf"):
@@ -74,9 +74,36 @@ class DecodeConfig:
             raise err(f"max_new_tokens {self.max_new_tokens} is not a multiple of block_size {self.block_size} "
                       f"(mode {self.mode!r} decodes whole blocks); e.g. use max_new_tokens "
                       f"{-(-self.max_new_tokens // self.block_size) * self.block_size}")
+        if self.mode == "d2f" and self.cache not in ("prefix", "none"):
+            raise err(f"cache {self.cache!r} does not apply to mode 'd2f', whose block cache is exact: use 'prefix' "
+                      "(the default) or 'none' (recompute every forward, the reference)")
         if self.mode == "vanilla" or (self.mode == "fast-dllm" and self.rule == "topk"):
+            if self.total_steps > self.max_new_tokens:
+                raise err(f"steps {self.total_steps} is more than max_new_tokens {self.max_new_tokens}: every step "
+                          "commits at least one token, so at most max_new_tokens steps can do anything")
             n_blocks = self.max_new_tokens // self.block_size
             if self.total_steps % n_blocks:
                 raise err(f"steps {self.total_steps} is not a multiple of the number of blocks {n_blocks} "
                           f"(max_new_tokens {self.max_new_tokens} / block_size {self.block_size})")
         return self
+
+
+# the settings each mode reads; a setting given for a mode that ignores it is an error, not a silent no-op
+COMMON_FIELDS = {"mode", "max_new_tokens", "temperature", "seed"}
+MODE_FIELDS = {
+    "vanilla": COMMON_FIELDS | {"block_size", "steps"},
+    "fast-dllm": COMMON_FIELDS | {"block_size", "steps", "cache", "rule", "threshold", "factor"},
+    "d2f": COMMON_FIELDS | {"block_size", "cache", "tau_add", "tau_act", "tau_conf"},
+    "ar": COMMON_FIELDS,
+}
+
+
+def check_fields_apply(mode: str, given, where: str = "") -> None:
+    """Refuse settings (`given`: the names set explicitly) that `mode` does not read."""
+    if mode not in MODE_FIELDS:
+        return  # validate() names the bad mode
+    unused = sorted(set(given) - MODE_FIELDS[mode])
+    if unused:
+        raise DecodeConfigError(f"{where}{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to mode "
+                                f"{mode!r} (it reads {', '.join(sorted(MODE_FIELDS[mode] - {'mode'}))}); drop "
+                                f"{'it' if len(unused) == 1 else 'them'}")

@@ -157,7 +157,14 @@ def check_run(out_dir: Path, meta: dict, overwrite: bool) -> None:
         raise RunMismatch(f"{str(out_dir)!r} holds {PREDICTIONS} but no {RUN}, so the settings they were made with "
                           "are unknown. Pass --overwrite to start again or choose another --output-dir.")
     elif run_file.exists() and pred_file.exists():
-        old = json.loads(run_file.read_text())
+        try:
+            old = json.loads(run_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise RunMismatch(f"{str(run_file)!r} is not a run record (corrupt or edited), so the settings of the "
+                              "predictions beside it are unknown. Pass --overwrite to start again or choose another "
+                              "--output-dir.")
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)

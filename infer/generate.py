@@ -57,7 +57,11 @@ def read_prompts(args) -> list[str]:
         if not path.is_file():
             raise UserError(f"--input-file {str(path)!r} does not exist")
         n_read = 0
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--input-file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

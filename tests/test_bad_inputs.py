@@ -42,6 +42,23 @@ def fx(tmp_path_factory) -> Path:
     checkpoint("unknown_type", lambda c: c.update(model_type="foobar"))
     checkpoint("bad_mask", lambda c: c.update(mask_token_id=5000))
     checkpoint("str_layers", lambda c: c.update(n_layers="six"))
+    checkpoint("mask_eos", lambda c: c.update(mask_token_id=1))
+    checkpoint("mask_ordinary", lambda c: c.update(mask_token_id=100))
+    checkpoint("bad_json")
+    (d / "bad_json" / "config.json").write_text('{"model_type": "llada",')
+    checkpoint("list_json")
+    (d / "list_json" / "config.json").write_text("[1, 2]")
+    (d / "empty_dir").mkdir()
+    shutil.copytree(REPO / "testbed" / "tokenizer", d / "broken_tok")
+    (d / "broken_tok" / "tokenizer.json").write_text("{not json")
+    shutil.copytree(REPO / "testbed" / "student", d / "bad_adapter")
+    (d / "bad_adapter" / "adapter_config.json").write_text("{oops")
+    shutil.copytree(REPO / "testbed" / "student", d / "trunc_adapter")
+    data = (d / "trunc_adapter" / "adapter_model.safetensors").read_bytes()
+    (d / "trunc_adapter" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copytree(REPO / "testbed" / "student", d / "unrecorded_adapter")  # another tool's: no d2f_base.json
+    (d / "unrecorded_adapter" / "d2f_base.json").unlink()
+    (d / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
     (d / "empty.jsonl").write_text("\n")
     (d / "list.jsonl").write_text(json.dumps(["a question"]) + "\n")
     (d / "broken.jsonl").write_text('{"prompt": "x"\n')
@@ -49,6 +66,9 @@ def fx(tmp_path_factory) -> Path:
     (d / "preds").mkdir()
     (d / "preds" / "predictions.jsonl").write_text(json.dumps({"index": 0}) + "\n")
     (d / "afile").write_text("x")
+    (d / "bad_run").mkdir()
+    (d / "bad_run" / "predictions.jsonl").write_text(json.dumps({"index": 0}) + "\n")
+    (d / "bad_run" / "run.json").write_text("[1]")
     (d / "bad.yaml").write_text("lr: [1, 2\n")
     (d / "compare.yaml").write_text("configs:\n  a: {mode: vanilla, max_new_tokens: 32, block_size: 32}\n"
                                     "baseline: teacher-vanila\n")
@@ -121,9 +141,30 @@ CASES = [
     ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/unknown_type"], ["cannot read", "foobar"]),
     ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/bad_mask"], ["mask_token_id 5000 is outside"]),
     ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/str_layers"], ["num_layers must be a positive integer"]),
-    ("generate", GEN + ["--mode", "ar", "--model", "testbed/ar", "--adapter", "testbed/student"],
+    ("generate", ["--mode", "ar", "--model", "testbed/ar", "--adapter", "testbed/student"],
      ["adapter 'testbed/student' was trained on", "different model"]),
-    ("generate", GEN + ["--mode", "ar", "--model", "testbed/teacher"], ["needs a causal model"]),
+    ("generate", ["--mode", "ar", "--model", "testbed/teacher"], ["needs a causal model"]),
+    ("generate", ["--mode", "ar", "--block-size", "8"], ["block_size does not apply to mode 'ar'"]),
+    ("generate", ["--mode", "d2f", "--steps", "8"], ["steps does not apply to mode 'd2f'"]),
+    ("generate", ["--mode", "d2f", "--rule", "topk", "--threshold", "0.1"], ["rule, threshold do not apply"]),
+    ("generate", ["--mode", "d2f", "--cache", "dual"], ["cache 'dual' does not apply to mode 'd2f'"]),
+    ("generate", ["--mode", "vanilla", "--max-new-tokens", "32", "--block-size", "32", "--steps", "64"],
+     ["steps 64 is more than max_new_tokens 32"]),
+    ("generate", ["--seed", str(2**70)], ["seed must be an integer in [0, 2**63)"]),
+    ("generate", ["--input-file", "{fx}/latin1.jsonl"], ["is not UTF-8 text"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/bad_json"], ["config", "is not valid JSON"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/list_json"], ["holds a JSON list"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/mask_eos"], ["mask_token_id 1 is also the eos_token_id"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "{fx}/mask_ordinary"],
+     ["mask_token_id is 100 but its tokenizer's mask token", "id 2"]),
+    ("generate", GEN + ["--mode", "vanilla", "--model", "tiny-llada", "--tokenizer", "testbed/tokenizer"],
+     ["token id", "outside the model's vocabulary of 128"]),
+    ("generate", GEN + ["--mode", "vanilla", "--tokenizer", "{fx}/empty_dir"], ["cannot load the tokenizer"]),
+    ("generate", GEN + ["--mode", "vanilla", "--tokenizer", "{fx}/broken_tok"], ["cannot load the tokenizer"]),
+    ("generate", GEN + ["--adapter", "{fx}/bad_adapter"], ["adapter config", "is not valid JSON"]),
+    ("generate", GEN + ["--adapter", "{fx}/trunc_adapter"], ["cannot load adapter", "incomplete"]),
+    ("generate", ["--mode", "ar", "--model", "testbed/ar", "--adapter", "{fx}/unrecorded_adapter"],
+     ["was trained on 'testbed/teacher'", "different model"]),
     # ---- infer.eval
     ("eval", ["--limit", "0"], ["--limit must be a positive integer"]),
     ("eval", ["--batch-size", "-1"], ["--batch-size must be a positive integer"]),
@@ -135,6 +176,8 @@ CASES = [
     ("eval", ["--mode", "vanilla", "--max-new-tokens", "32", "--limit", "1", "--no-progress", "--output-dir",
               "{fx}/preds"], ["no run.json", "--overwrite"]),
     ("eval", ["--threshold", "2"], ["threshold must be in [0, 1]"]),
+    ("eval", ["--mode", "vanilla", "--max-new-tokens", "32", "--block-size", "32", "--limit", "1", "--no-progress",
+              "--output-dir", "{fx}/bad_run"], ["run.json", "not a run record", "--overwrite"]),
     # ---- infer.compare
     ("compare", ["--config", "/no/compare.yaml"], ["'/no/compare.yaml' does not exist"]),
     ("compare", ["--config", "{fx}/bad.yaml"], ["not valid YAML", "line"]),

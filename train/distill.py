@@ -244,15 +244,20 @@ def read_records(source: str, split: str = "train", limit: int | None = None) ->
         if not p.is_file():
             raise ConfigError(f"data file {source!r} does not exist")
         records = []
-        with open(p) as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{source}:{i} is not valid JSON ({e})") from None
-                if limit is not None and len(records) >= limit:
-                    break
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"data file {source!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for i, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{source}:{i} is not valid JSON ({e})") from None
+                if not isinstance(records[-1], dict):
+                    raise ConfigError(f"{source}:{i} is a JSON {type(records[-1]).__name__}, expected an object")
+            if limit is not None and len(records) >= limit:
+                break
     else:
         import datasets
         ds = datasets.load_dataset(source, split=split)

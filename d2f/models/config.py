@@ -96,6 +96,10 @@ class ModelConfig:
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < rows:
                 raise ModelConfigError(f"{name} {tok} is outside the vocabulary [0, {rows})")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if not self.is_causal and getattr(self, name) == self.mask_token_id:
+                raise ModelConfigError(f"mask_token_id {self.mask_token_id} is also the {name}: a diffusion LM's mask "
+                                       "token must be its own token; check config.json")
 
     @property
     def head_dim(self) -> int:

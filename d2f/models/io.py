@@ -62,13 +62,26 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return Path(local)
 
 
+def read_json(path: Path, what: str = "file") -> dict:
+    """A JSON object from `path`, or a CheckpointError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {str(path)!r} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
 def read_config(path: Path) -> ModelConfig:
-    return ModelConfig.from_hf_dict(json.loads((path / CONFIG_NAME).read_text()))
+    return ModelConfig.from_hf_dict(read_json(path / CONFIG_NAME, "config"))
 
 
 def _weight_files(path: Path) -> list[Path]:
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
+        index = read_json(path / INDEX_NAME, "shard index")
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{str(path / INDEX_NAME)!r} has no weight_map; fix or replace the file")
         files = sorted(set(index["weight_map"].values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -204,8 +217,11 @@ def check_adapter_base(model, adapter_dir, model_name: str) -> None:
     fingerprint differs); adapters without a record (other tools) are not checked here."""
     f = Path(adapter_dir) / BASE_FINGERPRINT_NAME
     if not f.is_file():
-        return
-    rec = json.loads(f.read_text())
+        rec = _fingerprint_of_recorded_base(adapter_dir, model)
+        if rec is None:
+            return
+    else:
+        rec = read_json(f, "adapter base record")
     params = {k.replace(".base_layer", ""): p for k, p in model.named_parameters() if "lora_" not in k}
     for k, values in rec["fingerprint"].items():
         p = params.get(k)
@@ -219,3 +235,26 @@ def check_adapter_base(model, adapter_dir, model_name: str) -> None:
                                   f"and {model_name!r} is a different model (its weight {k!r} "
                                   f"{'is missing' if p is None else 'differs'}); load the adapter on the model it "
                                   "was distilled from")
+
+
+def _fingerprint_of_recorded_base(adapter_dir, model) -> dict | None:
+    """For an adapter without d2f_base.json (made by another tool): when adapter_config.json names a base
+    that is a local directory here, the fingerprint of that base's weights, read from its files (only
+    the few tensors compared); None when there is nothing local to compare with."""
+    cfg = Path(adapter_dir) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    base = read_json(cfg, "adapter config").get("base_model_name_or_path")
+    path = Path(str(base)).expanduser() if base else None
+    if path is None or not path.is_dir() or not list(path.glob("*.safetensors")):
+        return None
+    ours = base_fingerprint(model)
+    values = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with _open_weights(f, torch.device("cpu")) as fh:
+            for k in set(fh.keys()) & set(ours):
+                flat = _read_tensor(fh, k, f).reshape(-1)
+                values[k] = flat[::max(1, flat.numel() // len(ours[k]))][:len(ours[k])].float().tolist()
+    if not values:
+        return None
+    return {"base_model_name_or_path": str(base), "fingerprint": values}

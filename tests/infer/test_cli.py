@@ -43,8 +43,9 @@ def tiny_dir(tmp_path_factory):
 def test_cli_stats_and_trace(tiny_dir, tmp_path, capsys, mode, extra):
     model = tiny_dir / ("ar" if mode == "ar" else "dllm")
     trace = tmp_path / "trace.jsonl"
+    blocks = [] if mode == "ar" else ["--block-size", "8"]  # ar has no blocks (and refuses the option)
     rc = main(["--model", str(model), "--tokenizer", str(tiny_dir / "tok"), "--mode", mode,
-               "--max-new-tokens", "16", "--block-size", "8", "--dtype", "float64",
+               "--max-new-tokens", "16", *blocks, "--dtype", "float64",
                "--prompt", "w10 w11 w12", "--prompt", "w20", "--trace", str(trace), *extra])
     assert rc == 0
     out = capsys.readouterr().out
