@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from d2f.config import ConfigError, from_dict, load_config
+from d2f.errors import UserError
 from d2f.testbed import role_for_mode
 from infer import eval as E
 from infer import prompts as P
@@ -234,6 +235,7 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
     """Evaluate every row on the same problems; write results.md/.json and pareto.png; return results.json's dict."""
     if load_fn is None:
         from infer.api import load as load_fn
+    check_settings(cc)
     rows = expand_rows(cc.configs, only)
     check_baseline(cc.baseline, rows, cc.configs)
     if cc.threads is not None:
@@ -273,7 +275,7 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
                         **summary})
     models.release()
     if not results:
-        raise RuntimeError("every config was skipped: " + "; ".join(f"{s['config']}: {s['reason']}" for s in skipped))
+        raise NothingRan("every config was skipped: " + "; ".join(f"{s['config']}: {s['reason']}" for s in skipped))
     baseline = pick_baseline(results, cc.baseline)
     for r in results:
         base = baseline["tokens_per_s"] if baseline else None
@@ -290,6 +292,19 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
     plot_pareto(results, out_dir / "pareto.png", title=f"GSM8K ({data_name}, {len(problems)} problems, "
                                                          f"{cc.shots}-shot), {report['machine'].get('gpu') or cc.device}")
     return report
+
+
+class NothingRan(UserError, RuntimeError):
+    """Every row was skipped (its model or adapter is missing)."""
+
+
+def check_settings(cc: CompareConfig) -> None:
+    for name in ("limit", "threads", "batch_size"):
+        v = getattr(cc, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v}")
+    if cc.shots < 0:
+        raise ConfigError(f"shots must be >= 0, got {cc.shots}")
 
 
 def check_baseline(name: str | None, rows: list[Row], configs: dict) -> None:

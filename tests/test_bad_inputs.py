@@ -185,6 +185,9 @@ CASES = [
     ("compare", ["--only", "nope", "--output-dir", "{fx}/cmp2"], ["--only names unknown configs ['nope']"]),
     ("compare", ["limitt=3", "--output-dir", "{fx}/cmp3"], ["unknown config key 'limitt'", "limit"]),
     ("compare", ["configs=fo", "--output-dir", "{fx}/cmp4"], ["'configs'", "expected a mapping"]),
+    ("compare", ["threads=0", "--output-dir", "{fx}/cmp7"], ["threads must be a positive integer"]),
+    ("compare", ["--only", "student-d2f", "configs.student-d2f.adapter={fx}/no_adapter_here", "--limit", "1",
+                 "--output-dir", "{fx}/cmp8"], ["every config was skipped", "student-d2f"]),
     ("compare", ["configs.ar.enabled=maybe", "--output-dir", "{fx}/cmp5"], ["configs.ar.enabled", "true/false"]),
     ("compare", ["configs.ar=fast", "--output-dir", "{fx}/cmp6"], ["configs.ar must be a mapping"]),
     # ---- train/distill.py
