@@ -109,8 +109,8 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
 def check_vocabulary(model, tokenizer, ids: list[list[int]], mask_id: int | None, mode: str) -> None:
     """The prompts' token ids must be rows of the model's embedding, and a diffusion model's mask id the
     tokenizer's mask token (when the tokenizer has one): otherwise the tokenizer belongs to another model."""
-    emb = _base(model).get_input_embeddings()
-    rows = emb.weight.shape[0] if emb is not None else None
+    cfg = getattr(_base(model), "config", None)
+    rows = getattr(cfg, "embedding_size", None) or getattr(cfg, "vocab_size", None)
     top = max(max(p) for p in ids)
     if rows is not None and (top >= rows or min(min(p) for p in ids) < 0):
         raise DecodeConfigError(f"the prompt has token id {top}, outside the model's vocabulary of {rows}: the "
