@@ -453,7 +453,11 @@ def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
         prompts = [list(r[pf]) for r in records]
     else:
         prompts = [encode_prompt(tokenizer, str(r[pf]), cfg.data.chat_template) for r in records]
-    golds = [str(r[ev.gold_field]) for r in records] if ev.gold_field and all(ev.gold_field in r for r in records) else None
+    missing = [i for i, r in enumerate(records) if ev.gold_field and ev.gold_field not in r]
+    if missing:
+        raise ConfigError(f"eval.gold_field {ev.gold_field!r} is not a field of eval record {missing[0]} (its fields: "
+                          f"{sorted(records[missing[0]])}); name an existing field or set it to null")
+    golds = [str(r[ev.gold_field]) for r in records] if ev.gold_field else None
 
     def run(peft_model, step: int) -> dict:
         peft_model.eval()
