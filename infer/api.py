@@ -15,7 +15,6 @@ for that batch (prompt processing included); NFE and tokens per forward are repo
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
