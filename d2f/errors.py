@@ -66,3 +66,15 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
         return 130
     print(f"error: {one_line(message)}", file=sys.stderr)
     return 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse turns the error into one usage line and exit status 2)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from d2f.data.extract import extract_answer, is_correct  # noqa: E402
+from d2f.errors import positive_int  # noqa: E402
 from d2f.data.gsm8k import load_gsm8k  # noqa: E402
 from d2f.data.tokenizer import load_tokenizer, prompt_ids  # noqa: E402
 from d2f.models import from_pretrained  # noqa: E402
@@ -55,11 +56,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokenizer", default=None, help="default: the model directory if it has one, else testbed/tokenizer")
     ap.add_argument("--mode", default=None, choices=["vanilla", "ar"], help="default: ar for causal models, else vanilla")
     ap.add_argument("--source", default="testbed", help="testbed | real100 | hub | path (d2f.data.gsm8k.load_gsm8k)")
-    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--limit", type=positive_int, default=500)
     ap.add_argument("--gen", type=int, default=128, help="answer budget (gen length) in tokens")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="vanilla: total forwards (default = gen)")
-    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--batch-size", type=positive_int, default=50)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None, help="write per-problem records (jsonl) here")
     a = ap.parse_args(argv)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from d2f.errors import UserError  # noqa: E402
+from d2f.errors import UserError, positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,14 +37,14 @@ def parse_args(argv=None):
     ap.add_argument("--source", required=True, help="'testbed' (d2f.data.gsm train problems), a .jsonl or a hub id")
     ap.add_argument("--split", default="train", help="hub split")
     ap.add_argument("--prompt-field", default=None, help="default: 'prompt' or 'question'")
-    ap.add_argument("--n", type=int, default=None, help="number of prompts (required for --source testbed)")
+    ap.add_argument("--n", type=positive_int, default=None, help="number of prompts (required for --source testbed)")
     ap.add_argument("--seed", type=int, default=0, help="testbed problem generator seed")
     ap.add_argument("--out", required=True, help="output .jsonl")
     ap.add_argument("--mode", default="vanilla", choices=["vanilla", "fast-dllm"],
                     help="teacher decoder (vanilla = one token per forward, the teacher's best quality)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -69,7 +69,10 @@ def load_prompts(args) -> list[dict]:
     af = next((f for f in ANSWER_FIELDS if f in first), None)
     if af:
         resolve_fields(records, args.source, pf, af)  # every record has both
-    return [{"question": str(r[pf]), **({"reference": r[af]} if af else {})} for r in records]
+    bad = next((i for i, r in enumerate(records) if not isinstance(r[pf], str) or not r[pf].strip()), None)
+    if bad is not None:
+        raise UserError(f"record {bad} of {args.source!r}: field {pf!r} is {records[bad][pf]!r}, not a non-empty string")
+    return [{"question": r[pf], **({"reference": r[af]} if af else {})} for r in records]
 
 
 def main(argv=None) -> None:

@@ -217,6 +217,12 @@ CASES = [
     ("pretrain", PRETRAIN + ["objective=mlm"], ["objective 'mlm' is not one of"]),
     ("pretrain", PRETRAIN + ["semi_ar_frac=0.5", "clean_prefix_frac=0.75"], ["must be <= 1"]),
     ("pretrain", PRETRAIN + ["mixed_precision=fp8"], ["mixed_precision 'fp8'"]),
+    ("pretrain", PRETRAIN + ["data.num_problems=0"], ["data.num_problems and data.answer_len must be > 0"]),
+    ("pretrain", PRETRAIN + ["model.max_position_embeddings=16", "data.num_problems=4", "output_dir={fx}/pt"],
+     ["max_position_embeddings 16 is shorter than the longest training sequence"]),
+    ("pretrain", PRETRAIN + ["decode_order_frac=0.5", "clean_prefix_frac=0", "decode_orders={fx}/afile",
+                             "data.num_problems=4"],
+     ["is not a decode_orders file"]),
     # ---- scripts/make_distill_data.py
     ("make_distill_data", ["--model", "testbed/teacher", "--source", "testbed", "--out", "{fx}/x.jsonl"],
      ["needs --n"]),

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from d2f.config import ConfigError  # noqa: E402
+from d2f.errors import positive_int  # noqa: E402
 
 
 @torch.no_grad()
@@ -90,7 +91,13 @@ def load_decode_orders(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"decode_orders file {str(path)!r} does not exist; write it with "
                                 f"`python train/decode_orders.py --model <teacher> --n <problems> --out {path}`")
-    d = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding objects we never write
+        raise ConfigError(f"{str(path)!r} is not a decode_orders file ({type(e).__name__}); write one with "
+                          "`python train/decode_orders.py`") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{str(path)!r} is not a decode_orders file (it holds a {type(d).__name__})")
     missing = {"orders", "references", "gen_len", "block_size", "steps", "num_problems", "seed"} - set(d)
     if missing:
         raise ConfigError(f"{str(path)!r} is not a decode_orders file (missing {sorted(missing)})")
@@ -149,12 +156,12 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the dLLM whose decoding order to record (a model dir)")
     ap.add_argument("--tokenizer", default="testbed/tokenizer")
-    ap.add_argument("--n", type=int, required=True, help="the first n testbed train problems")
+    ap.add_argument("--n", type=positive_int, required=True, help="the first n testbed train problems")
     ap.add_argument("--seed", type=int, default=0, help="problem generator seed (data.seed of the recipe)")
     ap.add_argument("--gen", type=int, default=128, help="answer slots (vanilla decoding's gen length)")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="total forwards (default = gen)")
-    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--batch-size", type=positive_int, default=50)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True, help="output .pt")
     a = ap.parse_args(argv)

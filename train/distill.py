@@ -306,7 +306,12 @@ def tokenizer_source(m: ModelSection) -> str | None:
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load the tokenizer {name!r} ({type(e).__name__}: {first}); set model.tokenizer to "
+                          "a directory holding tokenizer.json") from None
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
@@ -327,14 +332,18 @@ def tokenize(records, pf: str, af: str, tokenizer, chat_template: bool, answer_e
              tokenizer(str(r[af]), add_special_tokens=False)["input_ids"] + end) for r in records]
 
 
-def build_sequences(pairs, max_length: int, block_size: int, eos_id: int):
+def build_sequences(pairs, max_length: int, block_size: int, eos_id: int, vocab: int | None = None):
     """prompt + answer + EOS padding, truncated to max_length.
 
     Returns ids (N, max_length) long, prompt_len (N,) long, and how many pairs were dropped
     because their prompt leaves less than one answer block.
     """
     rows, plens, dropped = [], [], 0
-    for prompt, answer in pairs:
+    for i, (prompt, answer) in enumerate(pairs):
+        if vocab is not None and not all(isinstance(t, int) and 0 <= t < vocab for t in prompt + answer):
+            bad = next(t for t in prompt + answer if not (isinstance(t, int) and 0 <= t < vocab))
+            raise ConfigError(f"record {i} has token id {bad!r}, not an id of the model's vocabulary [0, {vocab}): "
+                              "the data or the tokenizer belongs to another model")
         if len(prompt) > max_length - block_size:
             dropped += 1
             continue
@@ -522,7 +531,8 @@ def main(argv=None) -> dict:
     tok_name = tokenizer_source(cfg.model)
     tokenizer = load_tokenizer(tok_name) if tok_name and (pf != "prompt_ids" or cfg.eval.every > 0) else None
     pairs = tokenize(records, pf, af, tokenizer, cfg.data.chat_template, cfg.data.answer_end)
-    ids_all, plen_all, dropped = build_sequences(pairs, cfg.data.max_length, cfg.noise.block_size, mcfg.eos_token_id)
+    ids_all, plen_all, dropped = build_sequences(pairs, cfg.data.max_length, cfg.noise.block_size, mcfg.eos_token_id,
+                                                   mcfg.embedding_size)
 
     # ---- 2. processes, model, optimizer ------------------------------------------------------
     from train.accelerator import make_accelerator

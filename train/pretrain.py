@@ -167,6 +167,9 @@ class PretrainConfig:
         if self.decode_order_frac > 0 and (self.objective != "llada_sft" or not self.decode_orders):
             raise ConfigError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
                              "(python train/decode_orders.py --model <teacher> --n <problems> --out <file>)")
+        if self.data.num_problems <= 0 or self.data.answer_len <= 0:
+            raise ConfigError(f"data.num_problems and data.answer_len must be > 0, got {self.data.num_problems} and "
+                              f"{self.data.answer_len}")
         for name in ("batch_size", "max_steps", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -459,6 +462,10 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = build_dataset(cfg, tokenizer)
+    longest = max(len(ids) for ids, _ in data)  # prompt + answer padded to answer_len
+    if longest > cfg.model.max_position_embeddings:
+        raise ConfigError(f"model.max_position_embeddings {cfg.model.max_position_embeddings} is shorter than the "
+                          f"longest training sequence ({longest} tokens); raise it or lower data.answer_len")
     order = EpochPermutations(len(data), cfg.seed)
     states = build_decode_states(cfg, data, tokenizer) if cfg.decode_order_frac > 0 else None
     model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
