@@ -290,8 +290,8 @@ def check_hf_checkpoint(path: Path) -> None:
     weights must be the ones that config builds (transformers would fill missing ones at random, or
     build a default-size model from a config.json written for another architecture)."""
     import transformers
-    from safetensors import SafetensorError, safe_open
     from d2f.models import CheckpointError
+    from d2f.models.io import open_weights
     try:
         conf = transformers.AutoConfig.from_pretrained(str(path))
     except (ValueError, KeyError, OSError) as e:
@@ -302,12 +302,8 @@ def check_hf_checkpoint(path: Path) -> None:
         return  # .bin checkpoints: transformers checks them itself
     found = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                found.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read weights file {str(f)!r} ({e}); it is truncated or corrupt: download "
-                                  "or copy it again") from None
+        with open_weights(f, torch.device("cpu")) as fh:  # names the file when it is truncated or corrupt
+            found.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(conf)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}

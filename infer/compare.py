@@ -40,6 +40,7 @@ from typing import Any, Callable
 from d2f.config import ConfigError, from_dict, load_config
 from d2f.errors import UserError
 from d2f.testbed import role_for_mode
+from infer.decode_config import check_fields_apply
 from infer import eval as E
 from infer import prompts as P
 
@@ -110,16 +111,14 @@ def expand_rows(configs: dict, only: list[str] | None = None) -> list[Row]:
         model, adapter, sweep = entry.pop("model", None), entry.pop("adapter", None), entry.pop("sweep", None)
         tokenizer = entry.pop("tokenizer", None)
         base = from_dict(_decode_cls(), entry, where=where)
-        from infer.decode_config import check_fields_apply
-        sweep_params = [] if not isinstance(sweep, dict) else (
-            sweep.get("param") if isinstance(sweep.get("param"), list) else str(sweep.get("param", "")).split("+"))
-        check_fields_apply(base.mode, set(entry) | {p.strip() for p in sweep_params if p.strip()}, where=f"{where}: ")
         if sweep is None:
+            check_fields_apply(base.mode, set(entry), where=f"{where}: ")
             rows.append(Row(name, name, model, adapter, base, tokenizer=tokenizer))
             continue
         if not isinstance(sweep, dict) or set(sweep) != {"param", "values"}:
             raise ConfigError(f"{where}.sweep must be a mapping with keys `param` and `values`, got {sweep!r}")
         params = sweep["param"] if isinstance(sweep["param"], list) else str(sweep["param"]).split("+")
+        check_fields_apply(base.mode, set(entry) | {p.strip() for p in params if p.strip()}, where=f"{where}: ")
         values = sweep["values"]
         if isinstance(values, str):
             values = [v for v in values.strip("[]").split(",") if v.strip()]

@@ -97,7 +97,7 @@ def _unreadable(f: Path, e: Exception) -> CheckpointError:
                            "corrupt: download or copy it again")
 
 
-def _open_weights(f: Path, device: torch.device):
+def open_weights(f: Path, device: torch.device):
     try:
         return safe_open(str(f), framework="pt", device=str(device))
     except SafetensorError as e:
@@ -126,7 +126,7 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
         device = torch.device("cpu")  # accelerate names it "cpu:0" in multi-process runs; safetensors wants "cpu"
     state, seen_dtype = {}, None
     for f in _weight_files(path):
-        with _open_weights(f, device) as fh:
+        with open_weights(f, device) as fh:
             for key in fh.keys():
                 if key not in expected:
                     raise CheckpointError(f"unexpected tensor {key!r} in {f.name}: the {cfg.arch} architecture "
@@ -251,7 +251,7 @@ def _fingerprint_of_recorded_base(adapter_dir, model) -> dict | None:
     ours = base_fingerprint(model)
     values = {}
     for f in sorted(path.glob("*.safetensors")):
-        with _open_weights(f, torch.device("cpu")) as fh:
+        with open_weights(f, torch.device("cpu")) as fh:
             for k in set(fh.keys()) & set(ours):
                 flat = _read_tensor(fh, k, f).reshape(-1)
                 values[k] = flat[::max(1, flat.numel() // len(ours[k]))][:len(ours[k])].float().tolist()
