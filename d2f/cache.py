@@ -68,6 +68,23 @@ class KVCache:
         self.v = [t[rows] for t in self.v]
 
 
+    def widen(self, shift: int, max_len: int, new_rows: int = 0) -> None:
+        """Follow `Batch.relayout` + `Batch.concat`: move every row's keys/values right by `shift`
+        (rows [0, shift) become padding), grow the buffer to max_len rows, and append `new_rows`
+        empty batch rows. Keys are stored after RoPE, so a row's values stay exact where it moves."""
+        if shift < 0 or max_len < self.length + shift:
+            raise ValueError(f"widen: shift {shift} and max_len {max_len} would lose cached rows "
+                             f"(length {self.length})")
+        n = self.length
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                B, H, _, D = t.shape
+                new = t.new_zeros(B + new_rows, H, max_len, D)  # (B', H_kv, L', D)
+                new[:B, :, shift:shift + n] = t[:, :, :n]
+                store[i] = new
+        self.max_len = max_len
+        self.length = n + shift if n else 0
+
 class StaticKVCache(KVCache):
     """A KVCache whose `update` returns the whole buffer (B, H_kv, max_len, D) and accepts a 0-dim
     long tensor as offset. Rows not written yet hold zeros or stale values: the caller's pattern
@@ -84,6 +101,10 @@ class StaticKVCache(KVCache):
         else:
             super().update(layer, offset, k, v)
         return self.k[layer], self.v[layer]
+
+    def widen(self, shift: int, max_len: int, new_rows: int = 0) -> None:
+        raise RuntimeError("a StaticKVCache keeps its shapes (captured graphs hold its buffers): requests cannot "
+                           "join its batch")
 
     def select(self, rows: Tensor) -> None:
         raise RuntimeError("a StaticKVCache keeps its batch size (captured graphs hold its buffers): decode with "

@@ -41,6 +41,42 @@ class Batch:
         """Full attention with the padding hidden; None (no mask at all) when nothing is padded."""
         return full(self.key_valid) if self.key_valid is not None else None
 
+    def relayout(self, prompt_len: int, gen_len: int, pad_id: int, fill_id: int) -> "Batch":
+        """The same samples in a wider buffer: every row moves right by prompt_len - P (the new
+        columns on the left are padding) and gen_len - G answer columns holding fill_id are added on
+        the right. What a sample sees does not change: padding is hidden from attention and position
+        ids move with their tokens. A request joining a running batch (`infer.serve`) uses this."""
+        d, e = prompt_len - self.prompt_len, gen_len - self.gen_len
+        if d < 0 or e < 0:
+            raise ValueError(f"relayout can only widen a batch: P {self.prompt_len} -> {prompt_len}, "
+                             f"G {self.gen_len} -> {gen_len}")
+        if d == 0 and e == 0:
+            return self
+        B, L = self.x.shape
+        dev = self.x.device
+        x = torch.cat([torch.full((B, d), pad_id, dtype=torch.long, device=dev), self.x,
+                       torch.full((B, e), fill_id, dtype=torch.long, device=dev)], 1)
+        more = self.position_ids[:, -1:] + 1 + torch.arange(e, device=dev)  # (B, e) positions continue
+        position_ids = torch.cat([torch.zeros(B, d, dtype=torch.long, device=dev), self.position_ids, more], 1)
+        key_valid = self.key_valid
+        if d or key_valid is not None:
+            kv = key_valid if key_valid is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
+            key_valid = torch.cat([torch.zeros(B, d, dtype=torch.bool, device=dev), kv,
+                                   torch.ones(B, e, dtype=torch.bool, device=dev)], 1)
+        return Batch(x, position_ids, key_valid, prompt_len, list(self.prompt_lens))
+
+    def concat(self, other: "Batch") -> "Batch":
+        """This batch's rows, then other's (same prompt_len and gen_len: `relayout` them first)."""
+        if (self.prompt_len, self.gen_len) != (other.prompt_len, other.gen_len):
+            raise ValueError("concat needs batches with the same layout; relayout them first")
+        if self.key_valid is None and other.key_valid is None:
+            key_valid = None
+        else:
+            key_valid = torch.cat([b.key_valid if b.key_valid is not None else torch.ones_like(b.x, dtype=torch.bool)
+                                   for b in (self, other)])
+        return Batch(torch.cat([self.x, other.x]), torch.cat([self.position_ids, other.position_ids]), key_valid,
+                     self.prompt_len, self.prompt_lens + other.prompt_lens)
+
     def select(self, rows: Tensor) -> "Batch":
         """The samples `rows` only (decoders drop finished samples); same layout, same P."""
         kv = self.key_valid[rows] if self.key_valid is not None else None
@@ -103,6 +139,15 @@ def cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
     if eos_id is not None and eos_id in tokens:
         return tokens[: tokens.index(eos_id) + 1]
     return tokens
+
+
+def final_tokens(row: list[int], mask_id: int | None, eos_id: int | None, diffusion: bool = True) -> list[int]:
+    """A decoded answer row as the user gets it: up to and including the first EOS, without masks
+    (in a diffusion answer masks can only remain after the first EOS or when decoding stopped early)."""
+    toks = cut_at_eos(row, eos_id)
+    if diffusion and mask_id is not None:
+        toks = [t for t in toks if t != mask_id]
+    return toks
 
 
 def drop_finished(orig: Batch, batch: Batch, rows: Tensor, active: Tensor, cache) -> tuple[Batch, Tensor, Tensor]:

@@ -23,14 +23,22 @@ keys/values) or blocks it has not added yet (masks that its in-flight blocks can
 under block-causal attention), so neither changes its result.
 
 `use_cache=False` is the slow reference: every step recomputes [0, window end) without a cache.
+
+Serving: `steps` is the loop as a generator, one forward per iteration, and samples can join it
+between forwards (`send(Changes(...))`, used by `infer.serve`). A joining sample's first forward
+starts at its buffer index 0, like a sample's first forward in `decode`, so the union window starts
+at 0 for that step: the others' finished blocks are forwarded once more with their final tokens,
+which writes the same keys/values. Each sample may have its own answer budget (`gen_lens`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from d2f.masks import block_causal
-from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache, write_back
+from infer.batch import Batch, answer_done, forward_logits, new_cache
 from infer.sampling import commit_threshold, predict
 from infer.steps import StepLog
 
@@ -46,44 +54,90 @@ def block_states(added: Tensor, full_act: Tensor, finished: Tensor, cached: Tens
     return out
 
 
+@dataclass
+class Rows:
+    """Per-sample decoding state of the samples in the buffer, row i = buffer row i."""
+    added: Tensor  # (B, NB) bool: block added to the sample's window
+    full_act: Tensor  # (B, NB) bool: block fully activated
+    finished: Tensor  # (B, NB) bool: block and every block before it have no masks
+    exact_end: Tensor  # (B,) long: buffer rows [0, exact_end) of the sample hold exact keys/values
+    budget: Tensor  # (B,) long: answer blocks the sample may add (its max_new_tokens / block size)
+    active: Tensor  # (B,) bool: still decoding
+    ids: Tensor  # (B,) long: the sample's index in the StepLog
+
+    @classmethod
+    def start(cls, n_blocks: int, budget: list[int], ids: list[int], device) -> "Rows":
+        B = len(budget)
+        added = torch.zeros(B, n_blocks, dtype=torch.bool, device=device)
+        # Block 0 (the first answer block) starts added and fully activated: its predecessor is the prompt.
+        added[:, 0] = True
+        return cls(added, added.clone(), torch.zeros_like(added), torch.zeros(B, dtype=torch.long, device=device),
+                   torch.tensor(budget, dtype=torch.long, device=device),
+                   torch.ones(B, dtype=torch.bool, device=device), torch.tensor(ids, dtype=torch.long, device=device))
+
+    def select(self, keep: Tensor) -> "Rows":
+        return Rows(*(getattr(self, f)[keep] for f in self.__dataclass_fields__))
+
+    def widen(self, n_blocks: int, shift: int) -> "Rows":
+        """Follow `Batch.relayout`: more block columns (not added), rows moved right by `shift`."""
+        pad = lambda t: torch.nn.functional.pad(t, (0, n_blocks - t.shape[1]))  # noqa: E731
+        return Rows(pad(self.added), pad(self.full_act), pad(self.finished), self.exact_end + shift, self.budget,
+                    self.active, self.ids)
+
+    def concat(self, other: "Rows") -> "Rows":
+        return Rows(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
+
+
+@dataclass
+class Changes:
+    """What a caller of `steps` sends between two forwards."""
+    join: Batch | None = None  # new samples, laid out by `make_batch` (answer slots hold the mask id)
+    join_ids: list[int] = field(default_factory=list)  # their indices in the StepLog (`StepLog.grow`)
+    gen_lens: list[int] | None = None  # their answer budgets in tokens (default: join.gen_len each)
+    cancel: list[int] = field(default_factory=list)  # StepLog indices of samples to stop (client gone)
+
+
 def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
            use_cache: bool = True, compact: bool = True) -> None:
     """Fill batch.x's answer slots in place. compact: drop finished samples from the batch (and
     the cache) so later forwards only pay for the samples still decoding."""
-    mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
-    P, G, L = batch.prompt_len, batch.gen_len, batch.x.shape[1]
-    B, Bs = batch.x.shape[0], cfg.block_size
-    NB = G // Bs
-    dev = batch.x.device
-    pattern = block_causal(P, Bs, batch.key_valid)
-    cache = new_cache(model, B, L) if use_cache else None
+    for finished in steps(model, batch, cfg, log, generator, use_cache, compact):
+        for i, answer in finished:
+            batch.x[i, batch.prompt_len:] = answer
 
-    # Block state, (B, NB) bool each. Block 0 (the first answer block) starts added and fully
-    # activated: its predecessor is the prompt.
-    added = torch.zeros(B, NB, dtype=torch.bool, device=dev)
-    full_act = torch.zeros_like(added)
-    finished = torch.zeros_like(added)
-    added[:, 0] = full_act[:, 0] = True
-    # Rows [0, exact_end[i]) of sample i hold exact keys/values in the cache.
-    exact_end = torch.zeros(B, dtype=torch.long, device=dev)
-    active = ~answer_done(batch.answer(), mask_id, eos_id)
-    orig, rows = batch, torch.arange(B, device=dev)  # rows: original index of each row
+
+def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
+          use_cache: bool = True, compact: bool = True, gen_lens: list[int] | None = None):
+    """The decode loop as a generator: one forward per iteration. Each iteration yields the samples that
+    stopped decoding at that step as (StepLog index, answer (G,)) pairs; the batch's samples have
+    indices 0..B-1, and every sample is yielded once. `send(Changes(...))` adds or cancels samples
+    before the next forward. gen_lens: each sample's answer budget in tokens (default: all of G)."""
+    mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
+    Bs = cfg.block_size
+    dev = batch.x.device
+    B = batch.x.shape[0]
+    rows = Rows.start(batch.gen_len // Bs, [g // Bs for g in gen_lens or [batch.gen_len] * B], list(range(B)), dev)
+    cache = new_cache(model, B, batch.x.shape[1]) if use_cache else None
+    pattern = block_causal(batch.prompt_len, Bs, batch.key_valid)
 
     while True:
+        P, L = batch.prompt_len, batch.x.shape[1]
+        B, NB = rows.added.shape
+        added, full_act, finished, active = rows.added, rows.full_act, rows.finished, rows.active
         # ---- 1. forward the union window of the decoding samples --------------------------
         n_added = added.sum(-1)  # (B,)
         # One read of the device's state per step (a host sync): is any sample decoding, and the
         # union window's bounds. Everything else stays on the device.
-        decoding, lo, top = torch.stack([active.any().long(), torch.where(active, exact_end, L).min(),
+        decoding, lo, top = torch.stack([active.any().long(), torch.where(active, rows.exact_end, L).min(),
                                          torch.where(active, n_added, 0).max()]).tolist()
         if not decoding:
-            break
+            return
         lo = lo if use_cache else 0
         hi = P + top * Bs
         logits, start = forward_logits(model, batch, lo, hi, max(lo, P), pattern, cache)
         # Everything finished before this forward has now been written with its final tokens.
         n_fin = finished.long().cumprod(-1).sum(-1)  # (B,) leading finished blocks
-        exact_end = torch.where(active, P + n_fin * Bs, exact_end)
+        rows.exact_end = torch.where(active, P + n_fin * Bs, rows.exact_end)
         cached = torch.arange(NB, device=dev)[None] < n_fin[:, None]
 
         # ---- 2. commit in every in-flight block -----------------------------------------
@@ -112,22 +166,66 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
         n_added = added.sum(-1)
         newest = (n_added - 1).clamp_min(0)
         has_eos = (batch.answer() == eos_id).any(-1) if eos_id is not None else torch.zeros_like(active)
-        grow = active & (n_added < NB) & ~has_eos & (frac.gather(1, newest[:, None])[:, 0] >= cfg.tau_add)
+        grow = (active & (n_added < rows.budget) & ~has_eos
+                & (frac.gather(1, newest[:, None])[:, 0] >= cfg.tau_add))
         new = torch.nn.functional.one_hot(n_added.clamp_max(NB - 1), NB).bool() & grow[:, None]
         added = added | new
         full_act = full_act | (new & ready)
+        rows.added, rows.full_act, rows.finished = added, full_act, finished
 
-        committed = torch.zeros(B, G, dtype=torch.bool, device=dev)
+        committed = torch.zeros(B, batch.gen_len, dtype=torch.bool, device=dev)
         committed[:, a_lo - P:hi - P] = sel
         info = None
-        if log.records is not None:
+        if log.wants_info:
             info = [{"blocks": s} for s in block_states(added, full_act, finished, cached)]
-        log(batch.answer(), active, committed, info, (start, hi), rows)
-        active = active & ~answer_done(batch.answer(), mask_id, eos_id)
-        if compact and active.any() and not active.all():
-            batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
-            pattern = block_causal(P, Bs, batch.key_valid)
-            added, full_act, finished, exact_end, active = (t[keep] for t in (added, full_act, finished, exact_end,
-                                                                               active))
-            B = len(keep)
-    write_back(orig, batch, rows)
+        log(batch.answer(), active, committed, info, (start, hi), rows.ids)
+        # Answer slots past a sample's budget are not part of its answer: read them as committed.
+        beyond = torch.arange(batch.gen_len, device=dev)[None] >= rows.budget[:, None] * Bs
+        done = answer_done(batch.answer().masked_fill(beyond, -1), mask_id, eos_id)
+        stopped = (active & done).nonzero()[:, 0]
+        out = list(zip(rows.ids[stopped].tolist(), batch.answer()[stopped]))
+        rows.active = active & ~done
+        if compact and rows.active.any() and not rows.active.all():
+            batch, rows = _keep(batch, rows, cache, rows.active.nonzero()[:, 0])
+            pattern = block_causal(batch.prompt_len, Bs, batch.key_valid)
+
+        change = yield out
+        if change is not None:
+            batch, rows, cache = _apply(change, model, batch, rows, cache, Bs)
+            pattern = block_causal(batch.prompt_len, Bs, batch.key_valid)
+
+
+def _keep(batch: Batch, rows: Rows, cache, keep: Tensor) -> tuple[Batch, Rows]:
+    """Only the samples `keep`, in the batch, its state and the cache."""
+    if cache is not None:
+        cache.select(keep)
+    return batch.select(keep), rows.select(keep)
+
+
+def _apply(change: Changes, model, batch: Batch, rows: Rows, cache, Bs: int) -> tuple[Batch, Rows, object]:
+    """Cancel samples, then add the joining ones in a layout wide enough for everybody."""
+    if change.cancel:
+        gone = torch.isin(rows.ids, torch.tensor(change.cancel, device=rows.ids.device))
+        rows.active = rows.active & ~gone
+    new = change.join
+    if new is None or new.x.shape[0] == 0:
+        return batch, rows, cache
+    if len(change.join_ids) != new.x.shape[0]:
+        raise ValueError(f"Changes.join has {new.x.shape[0]} samples but {len(change.join_ids)} join_ids")
+    dev = batch.x.device
+    gen_lens = change.gen_lens or [new.gen_len] * new.x.shape[0]
+    keep = rows.active.nonzero()[:, 0]
+    if len(keep) == 0:  # nobody is decoding: start afresh, in the joining samples' own layout
+        fresh = Rows.start(new.gen_len // Bs, [g // Bs for g in gen_lens], change.join_ids, dev)
+        return new, fresh, new_cache(model, new.x.shape[0], new.x.shape[1]) if cache is not None else None
+    if len(keep) < len(rows.active):
+        batch, rows = _keep(batch, rows, cache, keep)
+    P, G = max(batch.prompt_len, new.prompt_len), max(batch.gen_len, new.gen_len)
+    shift = P - batch.prompt_len
+    mask_id = model.config.mask_token_id
+    # The padding's token does not matter (it is hidden from attention); the new answer slots are masks.
+    old, new = batch.relayout(P, G, mask_id, mask_id), new.relayout(P, G, mask_id, mask_id)
+    if cache is not None:
+        cache.widen(shift, P + G, new_rows=new.x.shape[0])
+    joined = Rows.start(G // Bs, [g // Bs for g in gen_lens], change.join_ids, dev)
+    return old.concat(new), rows.widen(G // Bs, shift).concat(joined), cache

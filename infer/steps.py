@@ -21,7 +21,7 @@ class DecodeStalled(UserError, RuntimeError):
 
 class StepLog:
     def __init__(self, batch_size: int, trace: bool = False, on_step: Callable | None = None,
-                 sample_ids: list[int] | None = None, max_forwards: int | None = None):
+                 sample_ids: list[int] | None = None, max_forwards: int | None = None, info: bool = False):
         self.batch_size = batch_size
         # A decoder that commits at least one token per forward ends within its budget's forwards; one
         # whose model predicts nothing committable (NaN logits, a mask id that is not the model's) would
@@ -32,11 +32,28 @@ class StepLog:
         self.records: list[list[dict]] | None = [[] for _ in range(batch_size)] if trace else None
         self.on_step = on_step
         self.sample_ids = sample_ids if sample_ids is not None else list(range(batch_size))
+        self.with_info = info  # on_step events carry the decoder's per-step extras (block states) too
+
+    @property
+    def wants_info(self) -> bool:
+        """Should the decoder build its per-step extras (a host sync): for the trace or an on_step that asks."""
+        return self.records is not None or self.with_info
 
     @property
     def nfe(self) -> list[int]:
         """Forwards charged to each sample (read once, after decoding: a host sync)."""
         return self._nfe.tolist() if self._nfe is not None else [0] * self.batch_size
+
+    def grow(self, n: int, sample_ids: list | None = None) -> list[int]:
+        """Room for n more samples (requests joining a running decode); returns their indices."""
+        first = self.batch_size
+        self.batch_size += n
+        if self._nfe is not None:
+            self._nfe = torch.cat([self._nfe, self._nfe.new_zeros(n)])
+        if self.records is not None:
+            self.records += [[] for _ in range(n)]
+        self.sample_ids += sample_ids if sample_ids is not None else list(range(first, first + n))
+        return list(range(first, first + n))
 
     def __call__(self, answer: Tensor, active: Tensor, committed: Tensor | None = None,
                  info: list[dict] | dict | None = None, forward: tuple[int, int] | None = None,
@@ -78,7 +95,7 @@ class StepLog:
                 self.records[i].append(rec)
         if self.on_step is not None:
             self.on_step({"step": self.forwards, "sample_ids": [self.sample_ids[i] for i in ids], "answer": answer,
-                          "committed": committed, "active": active})
+                          "committed": committed, "active": active, "info": info})
 
 
 def all_true(batch_size: int, device=None) -> Tensor:

@@ -45,10 +45,15 @@ SKIP = {
     "python -m infer.bench": f"{GPU} (on a CPU it is the tiny-shape line, which runs)",
     "python scripts/distill_ablation.py": f"{HOURS} (tests/train/test_ablation.py runs it on 2 problems)",
     "bash scripts/gpu_bench.sh outputs/gpu_bench": GPU,
+    "python -m infer.serve": "a server runs until stopped (tests/infer/test_serve.py serves the same app on a socket)",
+    "python -m infer.serve --model GSAI-ML/LLaDA-8B-Instruct --adapter SJTU-Deng-Lab/D2F_LLaDA_Instruct_8B_Lora "
+    "--mode d2f --block-size 32 --max-new-tokens 256 --device cuda --dtype bfloat16 --max-batch 32": f"{HUB}; {GPU}",
 }
 
 # documented command -> [(text to replace, replacement), ...]; "+ ..." appends. {tmp}: the test's tmp dir.
 RUN = {
+    "python -m infer.load_test": [("+", "--concurrency 1,2 --requests 2 --max-tokens 32 --output-dir {tmp}/lt -- "
+                                        "--max-new-tokens 32 --block-size 16 --threads 1")],
     "bash scripts/setup.sh && .venv/bin/python -m infer.compare --limit 20":
         [("bash scripts/setup.sh && ", ""), ("--limit 20", "--limit 1"), ("+", "--output-dir {tmp}/c")],
     ".venv/bin/python -m infer.generate --prompt \"Tom has 3 apples and buys 4 more. How many apples does he have?\"": [],

@@ -3,6 +3,9 @@ make decoding non-trivial (the default init gives near-uniform logits), fake mod
 controlled logits."""
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 from torch import nn
 
@@ -52,3 +55,33 @@ class ScriptedDLM(nn.Module):
         tok = torch.where(ok, self.script[j], torch.zeros_like(idx))
         logits[:, torch.arange(T), tok] = torch.where(ok, self.margin[j], torch.zeros_like(self.margin[j]))
         return logits
+
+
+class Running:
+    """uvicorn on a free localhost port, in a thread."""
+
+    def __init__(self, engine, name="testbed"):
+        import uvicorn
+
+        from infer.serve import Server, create_app
+        self.engine = engine
+        self.server = uvicorn.Server(uvicorn.Config(create_app(Server(engine, name)), host="127.0.0.1", port=0,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import openai
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.close()

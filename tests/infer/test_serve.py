@@ -1,0 +1,218 @@
+"""The OpenAI-compatible server (`infer.serve`) on a real uvicorn socket, driven by the `openai` client:
+concurrent requests that join a running D2F batch get exactly the answer `infer.api.generate` gives
+each prompt alone; streaming, stop strings, disconnects and every bad request."""
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from infer.api import DecodeConfig, encode_prompts, format_prompt, generate, load  # noqa: E402
+from infer.engine import Engine, Request  # noqa: E402
+from helpers import Running  # noqa: E402
+
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+             "A box holds 12 pens. Sam buys 5 boxes and gives away 7 pens. How many pens does he have left?",
+             "Lily reads 15 pages a day for 6 days. How many pages does she read?",
+             "There are 40 birds on a tree. 13 fly away and 8 more land. How many birds are there now?",
+             "Max earns 9 dollars an hour and works 7 hours. How much does he earn?",
+             "A farmer has 25 cows and sells 11. How many cows are left?"]
+CFG = DecodeConfig(mode="d2f", max_new_tokens=64, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.9)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return load(None, "d2f")
+
+
+@pytest.fixture(scope="module")
+def server(student):
+    model, tok = student
+    with Running(Engine(model, tok, CFG, max_batch=8).start()) as s:
+        yield s
+
+
+def offline(model, tok, text, cfg=CFG, max_tokens=None):
+    cfg = cfg if max_tokens is None else DecodeConfig(**{**cfg.__dict__, "max_new_tokens": max_tokens})
+    [r] = generate(model, tok, [text], cfg)
+    return r
+
+
+def test_concurrent_requests_equal_offline_generate_alone(server, student):
+    """Requests arrive while others decode (they join the running batch at the next forward), with
+    different prompt lengths and budgets; every answer is the one each prompt gets alone."""
+    model, tok = student
+    texts = [format_prompt(tok, q) for q in QUESTIONS]
+    budgets = [64, 32, 64, 48, 64, 16]
+    before = dict(server.engine.stats)
+
+    def ask(i):
+        time.sleep(0.05 * i)  # staggered: most join a batch that is already running
+        r = server.client.completions.create(model="testbed", prompt=texts[i], max_tokens=budgets[i])
+        return r.choices[0].text, r.usage.completion_tokens, r.usage.model_extra["nfe"], r.choices[0].finish_reason
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        got = list(pool.map(ask, range(len(texts))))
+    nfe_total = 0
+    for i, (text, n, nfe, finish) in enumerate(got):
+        ref = offline(model, tok, texts[i], max_tokens=-(-budgets[i] // 16) * 16)
+        assert text == ref.text, i
+        assert n == ref.num_tokens and nfe == ref.nfe, i
+        assert finish == ("stop" if ref.token_ids[-1] == model.config.eos_token_id else "length")
+        nfe_total += nfe
+    forwards = server.engine.stats["forwards"] - before["forwards"]
+    assert forwards < nfe_total  # forwards were shared: the requests decoded in one batch
+
+
+def test_chat_and_stream_chunks_build_the_final_text(server, student):
+    model, tok = student
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    full = server.client.chat.completions.create(model="testbed", messages=msgs, max_tokens=64)
+    ref = offline(model, tok, format_prompt(tok, QUESTIONS[0]))
+    assert full.choices[0].message.content == ref.text
+    pieces, usage = [], None
+    for ch in server.client.chat.completions.create(model="testbed", messages=msgs, max_tokens=64, stream=True,
+                                                    stream_options={"include_usage": True}):
+        if ch.choices and ch.choices[0].delta.content:
+            pieces.append(ch.choices[0].delta.content)
+        if ch.usage is not None:
+            usage = ch.usage
+    assert "".join(pieces) == ref.text and len(pieces) > 1
+    assert usage.completion_tokens == ref.num_tokens and usage.model_extra["nfe"] == ref.nfe
+
+
+def test_stop_string_cuts_text_and_stream(server, student):
+    model, tok = student
+    text = format_prompt(tok, QUESTIONS[1])
+    ref = offline(model, tok, text).text
+    stop = ref.split()[2]  # a word from the middle of the answer
+    r = server.client.completions.create(model="testbed", prompt=text, max_tokens=64, stop=[stop])
+    assert r.choices[0].text == ref[:ref.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in server.client.completions.create(
+        model="testbed", prompt=text, max_tokens=64, stop=stop, stream=True) if c.choices)
+    assert streamed == ref[:ref.index(stop)]
+
+
+def test_view_chunks_show_masks_filling(server, student):
+    model, tok = student
+    body = {"prompt": format_prompt(tok, QUESTIONS[2]), "max_tokens": 64, "stream": True, "view": True}
+    views = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ev = json.loads(line[6:])
+                if "d2f_view" in ev:
+                    views.append(ev["d2f_view"])
+    masks = [sum(p is None for p in v["pieces"]) for v in views]
+    assert len(views) > 2 and masks[0] > masks[-1]
+    assert all(set(v["blocks"]) <= {"semi", "active", "finished", "cached"} for v in views)
+    assert views[-1]["step"] == len(views)
+
+
+def test_client_that_leaves_frees_its_row(server, student):
+    model, tok = student
+    body = {"prompt": format_prompt(tok, QUESTIONS[3]), "max_tokens": 512, "stream": True,
+            "decode": {"tau_conf": 1.0, "tau_add": 1.0, "tau_act": 1.0}}  # one token per forward: slow
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # first chunk, then hang up
+    for _ in range(100):
+        if server.engine.requests == 0 and not server.engine.lanes:
+            break
+        time.sleep(0.05)
+    assert server.engine.requests == 0 and not server.engine.lanes
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == ["testbed"]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["mode"] == "d2f"
+
+
+BAD = [  # (body or raw bytes, status, words in the message)
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature must be"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature must be"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
+    ({"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens must be an integer"),
+    ({"prompt": "hi", "max_tokens": 100000}, 400, "context"),
+    ({"prompt": ""}, 400, "is empty"),
+    ({"prompt": 5}, 400, "prompt must be"),
+    ({"prompt": [10 ** 9]}, 400, "outside the model's vocabulary"),
+    ({}, 400, "prompt must be"),
+    ({"prompt": "hi", "n": 2}, 400, "n must be 1"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream must be"),
+    ({"prompt": "hi", "stop": 3}, 400, "stop must be"),
+    ({"prompt": "hi", "seed": -1}, 400, "seed must be"),
+    ({"prompt": "hi", "decode": {"tau_conf": 2}}, 400, "tau_conf"),
+    ({"prompt": "hi", "decode": {"tau_conf": "x"}}, 400, "tau_conf"),
+    ({"prompt": "hi", "decode": {"steps": 8}}, 400, "does not apply to mode 'd2f'"),
+    ({"prompt": "hi", "decode": {"mode": "vanilla"}}, 400, "mode 'd2f'"),
+    ({"prompt": "hi", "decode": {"max_new_tokens": 8}}, 400, "use max_tokens"),
+    ({"prompt": "hi", "decode": {"nonsense": 1}}, 400, "nonsense"),
+    ({"prompt": "hi", "decode": [1]}, 400, "decode must be an object"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_openai_errors(server, body, status, words):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + "/v1/completions", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("messages,words", [([], "non-empty list"), ([{"role": "robot", "content": "x"}], "role"),
+                                            ([{"role": "user", "content": 3}], "string content")])
+def test_bad_chat_messages(server, messages, words):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=30)
+    assert r.status_code == 400 and words in r.json()["error"]["message"]
+
+
+def test_full_queue_is_429(student):
+    model, tok = student
+    engine = Engine(model, tok, CFG, max_queue=1)  # not started: the first request stays queued
+    engine.submit(Request([1, 2, 3], CFG, 8, lambda ev: None))
+    with Running(engine) as s:
+        with pytest.raises(openai.RateLimitError, match="limit of 1 concurrent"):
+            s.client.completions.create(model="testbed", prompt="hi", max_tokens=16)
+
+
+@pytest.mark.parametrize("mode", ["fast-dllm", "ar"])
+def test_wave_modes_equal_offline(mode):
+    """The modes that batch per wave give the offline answers too (engine API, no HTTP)."""
+    model, tok = load(None, mode)
+    cfg = DecodeConfig(mode=mode, max_new_tokens=32, **({"block_size": 16, "cache": "dual"} if mode != "ar" else {}))
+    engine = Engine(model, tok, cfg, max_batch=4).start()
+    try:
+        texts = [format_prompt(tok, q) for q in QUESTIONS[:3]]
+        events = [[] for _ in texts]
+        done = threading.Semaphore(0)
+
+        def emit(i):
+            def f(ev):
+                events[i].append(ev)
+                if ev["type"] in ("done", "error"):
+                    done.release()
+            return f
+        for i, t in enumerate(texts):
+            engine.submit(Request(encode_prompts(tok, [t])[0], cfg, 32, emit(i)))
+        for _ in texts:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.close()
+    for i, t in enumerate(texts):
+        ref = offline(model, tok, t, cfg)
+        final = events[i][-1]
+        assert final["type"] == "done" and final["text"] == ref.text and final["nfe"] == ref.nfe
+        assert "".join(ev["text"] for ev in events[i] if ev["type"] == "delta") == ref.text
