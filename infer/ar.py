@@ -46,27 +46,100 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     compact (ours): drop finished samples from the batch and the cache."""
     if is_hf_model(model):
         return decode_hf(model, batch, cfg, log, generator, use_cache, eos_id, compact)
-    P, L = batch.prompt_len, batch.x.shape[1]
+    for finished in steps(model, batch, cfg, log, generator, use_cache, eos_id, compact):
+        for i, answer in finished:
+            batch.x[i, batch.prompt_len:] = answer
+
+
+def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
+          use_cache: bool = True, eos_id: int | None = None, compact: bool = True,
+          gen_lens: list[int] | None = None):
+    """Our causal models' decode loop as a generator, one forward (one token per sample) per iteration;
+    the protocol of `infer.d2f.steps`: it yields the samples that stopped at that step as (StepLog
+    index, answer) pairs, answer = the sample's `gen_len` slots (EOS after its first EOS), and
+    `send(Changes(...))` adds or cancels samples before the next forward.
+
+    All samples write the same buffer index `pos` at each step, so a sample's answer starts where it
+    joined: `start` per sample. A joining sample's prompt is placed to end at `pos` (the buffer moves
+    right first if the prompt is longer than `pos`), and the next forward starts at its first prompt
+    token: the others' rows there are recomputed from the same tokens, which under causal attention
+    gives the same keys/values, and the joining sample gets its prompt and first token in one forward,
+    as alone."""
+    dev = batch.x.device
     B = batch.x.shape[0]
     vocab = model.config.vocab_size
+    fill = eos_id if eos_id is not None else 0
+    start = torch.full((B,), batch.prompt_len, dtype=torch.long, device=dev)  # (B,) first answer index
+    budget = torch.tensor(gen_lens or [batch.gen_len] * B, dtype=torch.long, device=dev)  # (B,)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    ids = torch.arange(B, device=dev)  # each row's StepLog index
+    cache = new_cache(model, B, batch.x.shape[1]) if use_cache else None
     pattern = causal(batch.key_valid)
-    cache = new_cache(model, B, L) if use_cache else None
-    active = torch.ones(B, dtype=torch.bool, device=batch.x.device)
-    orig, rows = batch, torch.arange(B, device=batch.x.device)  # rows: original index of each row
-    lo = 0  # first row not yet in the cache
-    for pos in range(P, L):
+    pos, lo = batch.prompt_len, 0  # pos: the index written this step; [0, lo) is in the cache
+    G = int(budget.max())  # the widest budget
+    while active.any():
         f_lo = lo if use_cache else 0
         logits = model(batch.x[:, f_lo:pos], position_ids=batch.position_ids[:, f_lo:pos], mask=pattern,
                        cache=cache, offset=f_lo)[:, -1, :vocab]  # (B, V)
-        active = _commit(batch, pos, logits, active, cfg, eos_id, log, generator, rows)
-        lo = pos
-        if not active.any():
-            break
-        if compact and not active.all():
-            batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
-            active = active[keep]
+        tok = predict(logits[:, None], cfg.temperature, generator)[0][:, 0]
+        batch.x[:, pos] = torch.where(active, tok, torch.as_tensor(fill, device=dev))
+        # each sample's answer so far, (B, G): [start, start + G) of its row
+        idx = (start[:, None] + torch.arange(G, device=dev)).clamp_max(batch.x.shape[1] - 1)
+        answer = batch.x.gather(1, idx)
+        committed = (idx == pos) & active[:, None]
+        log(answer, active, committed, None, None, ids)
+        ended = active & ((tok == eos_id) if eos_id is not None else torch.zeros_like(active))
+        ended |= active & (pos + 1 - start >= budget)
+        stop = ended.nonzero()[:, 0]
+        out = [(i, answer[r, :b]) for i, r, b in zip(ids[stop].tolist(), stop.tolist(), budget[stop].tolist())]
+        for j, (i, a) in enumerate(out):  # slots after an EOS read as EOS, as in the batch buffer
+            r = stop[j]
+            a[pos + 1 - start[r]:] = fill
+        active = active & ~ended
+        lo, pos = pos, pos + 1
+        if compact and active.any() and not active.all():
+            keep = active.nonzero()[:, 0]
+            if cache is not None:
+                cache.select(keep)
+            batch, start, budget, active, ids = batch.select(keep), start[keep], budget[keep], active[keep], ids[keep]
             pattern = causal(batch.key_valid)
-    write_back(orig, batch, rows)
+        change = yield out
+        if change is not None:
+            batch, start, budget, active, ids, cache, pos, lo = _apply(change, model, batch, start, budget, active,
+                                                                       ids, cache, pos, lo, fill)
+            pattern = causal(batch.key_valid)
+            G = int(budget.max())
+
+
+def _apply(change, model, batch: Batch, start, budget, active, ids, cache, pos: int, lo: int, fill: int):
+    """Cancel samples, then place the joining ones so their prompts end at `pos`."""
+    dev = batch.x.device
+    if change.cancel:
+        active = active & ~torch.isin(ids, torch.tensor(change.cancel, device=dev))
+    new = change.join
+    if new is None or new.x.shape[0] == 0:
+        return batch, start, budget, active, ids, cache, pos, lo
+    keep = active.nonzero()[:, 0]
+    if len(keep) < len(active):
+        if cache is not None:
+            cache.select(keep)
+        batch, start, budget, active, ids = batch.select(keep), start[keep], budget[keep], active[keep], ids[keep]
+    gen_lens = change.gen_lens or [new.gen_len] * new.x.shape[0]
+    shift = max(0, new.prompt_len - pos)  # the joining prompts must fit left of pos
+    pos, lo, start = pos + shift, lo + shift, start + shift
+    L = max(batch.x.shape[1] + shift, pos + max(gen_lens))
+    old = batch.relayout(batch.prompt_len + shift, L - batch.prompt_len - shift, fill, fill)
+    joined = new.relayout(pos, L - pos, fill, fill)
+    if cache is not None:
+        cache.widen(shift, L, new_rows=new.x.shape[0])
+    n = new.x.shape[0]
+    start = torch.cat([start, torch.full((n,), pos, dtype=torch.long, device=dev)])
+    budget = torch.cat([budget, torch.tensor(gen_lens, dtype=torch.long, device=dev)])
+    active = torch.cat([active, torch.ones(n, dtype=torch.bool, device=dev)])
+    ids = torch.cat([ids, torch.tensor(change.join_ids, dtype=torch.long, device=dev)])
+    # the next forward starts at the first joining prompt token (a real one: the padding before it is hidden)
+    first = pos - max(len_ for len_ in new.prompt_lens)
+    return old.concat(joined, check_layout=False), start, budget, active, ids, cache, pos, min(lo, first)
 
 
 @torch.no_grad()

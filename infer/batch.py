@@ -65,10 +65,14 @@ class Batch:
                                    torch.ones(B, e, dtype=torch.bool, device=dev)], 1)
         return Batch(x, position_ids, key_valid, prompt_len, list(self.prompt_lens))
 
-    def concat(self, other: "Batch") -> "Batch":
-        """This batch's rows, then other's (same prompt_len and gen_len: `relayout` them first)."""
-        if (self.prompt_len, self.gen_len) != (other.prompt_len, other.gen_len):
+    def concat(self, other: "Batch", check_layout: bool = True) -> "Batch":
+        """This batch's rows, then other's (same prompt_len and gen_len: `relayout` them first).
+        check_layout=False: only the lengths must agree, and prompt_len is this batch's; for a decoder
+        that tracks where each sample's answer starts itself (`infer.ar.steps`)."""
+        if check_layout and (self.prompt_len, self.gen_len) != (other.prompt_len, other.gen_len):
             raise ValueError("concat needs batches with the same layout; relayout them first")
+        if self.x.shape[1] != other.x.shape[1]:
+            raise ValueError(f"concat needs buffers of the same length, got {self.x.shape[1]} and {other.x.shape[1]}")
         if self.key_valid is None and other.key_valid is None:
             key_valid = None
         else:

@@ -7,12 +7,13 @@ Requests whose decode settings agree (everything but max_new_tokens and seed) sh
 running batch. The scheduler loop steps every lane once per turn (one forward each), so lanes take
 turns on the model.
 
-- D2F lanes batch continuously: a request joins the running batch before the next forward and leaves
-  as soon as its answer is final (`infer.d2f.steps`); each sample keeps its own answer budget. D2F's
-  block cache is exact, so a request's tokens are those it gets decoded alone (at temperature 0).
-- The other modes (vanilla, Fast-dLLM, AR) batch per wave: the waiting requests with the same
+- D2F and AR (our causal models) batch continuously: a request joins the running batch before the
+  next forward and leaves as soon as its answer is final (`infer.d2f.steps`, `infer.ar.steps`); each
+  sample keeps its own answer budget. Both caches are exact, so a request's tokens are those it gets
+  decoded alone (at temperature 0).
+- Vanilla, Fast-dLLM and Hugging Face AR models batch per wave: the waiting requests with the same
   settings and budget decode together through `infer.api.generate`, and requests arriving meanwhile
-  wait for the next wave. Their decoders still step a whole batch in lockstep.
+  wait for the next wave. Their decoders step a whole batch through the same block in lockstep.
 
 A request hears about its progress through `emit(event)`, called on the scheduler thread:
     {"type": "delta", "text": str}     new text of the committed left-to-right prefix
@@ -36,7 +37,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from infer import d2f
+from infer import ar, d2f
 from infer.batch import final_tokens, make_batch
 from infer.decode_config import DecodeConfig
 from infer.prompts import cut_at_stop
@@ -71,7 +72,7 @@ class Request:
 
 def lane_key(cfg: DecodeConfig) -> tuple:
     """Requests that may share a batch: the same settings but the budget (D2F: per sample) and seed."""
-    skip = {"seed"} | ({"max_new_tokens"} if cfg.mode == "d2f" else set())
+    skip = {"seed"} | ({"max_new_tokens"} if cfg.mode in ("d2f", "ar") else set())
     return tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in skip)
 
 
@@ -127,7 +128,7 @@ class Engine:
                     if not self._stop.is_set():
                         key = lane_key(req.cfg)
                         if key not in self.lanes:
-                            self.lanes[key] = (D2FLane if req.cfg.mode == "d2f" else WaveLane)(self, req.cfg)
+                            self.lanes[key] = self.make_lane(req.cfg)
                         self.lanes[key].pending.append(req)
                     try:
                         req = self.inbox.get_nowait()
@@ -141,6 +142,13 @@ class Engine:
                         lane.fail(f"internal error while decoding: {type(e).__name__}: {e}", 500)
                     if not lane.busy():
                         del self.lanes[key]
+
+    def make_lane(self, cfg: DecodeConfig) -> "Lane":
+        if cfg.mode == "d2f":
+            return StepLane(self, cfg, d2f.steps, self.mask_id, use_cache=cfg.cache != "none")
+        if cfg.mode == "ar" and not ar.is_hf_model(self.model):
+            return StepLane(self, cfg, ar.steps, self.pad_id, eos_id=self.eos_id)
+        return WaveLane(self, cfg)
 
     def release(self, req: Request) -> None:
         with self.lock:
@@ -266,11 +274,13 @@ class Lane:
         return out
 
 
-class D2FLane(Lane):
-    """Continuous batching: requests join the running `infer.d2f.steps` generator between forwards."""
+class StepLane(Lane):
+    """Continuous batching: requests join the running `steps` generator (`infer.d2f.steps`,
+    `infer.ar.steps`) between forwards, and leave it as soon as they are final."""
 
-    def __init__(self, engine: Engine, cfg: DecodeConfig):
+    def __init__(self, engine: Engine, cfg: DecodeConfig, steps, fill_id: int, **kwargs):
         super().__init__(engine, cfg)
+        self.steps, self.fill_id, self.kwargs = steps, fill_id, kwargs
         self.gen = None
         self.log: StepLog | None = None
         self.members: dict[int, Request] = {}  # StepLog index -> request
@@ -282,7 +292,7 @@ class D2FLane(Lane):
     def _batch(self, reqs: list[Request]):
         e = self.engine
         G = max(r.cfg.max_new_tokens for r in reqs)
-        return make_batch([r.prompt_ids for r in reqs], G, e.mask_id, e.pad_id, e.device)
+        return make_batch([r.prompt_ids for r in reqs], G, self.fill_id, e.pad_id, e.device)
 
     def step(self) -> None:
         e = self.engine
@@ -304,8 +314,8 @@ class D2FLane(Lane):
             self.members = dict(enumerate(new))
             if self.cfg.temperature > 0:
                 self.generator = torch.Generator(device=e.device).manual_seed(new[0].cfg.seed)
-            self.gen = d2f.steps(e.model, self._batch(new), self.cfg, self.log, self.generator,
-                                 use_cache=self.cfg.cache != "none", gen_lens=[r.cfg.max_new_tokens for r in new])
+            self.gen = self.steps(e.model, self._batch(new), self.cfg, self.log, self.generator,
+                                  gen_lens=[r.cfg.max_new_tokens for r in new], **self.kwargs)
             finished = next(self.gen)
         else:
             change = d2f.Changes(cancel=cancel)
@@ -324,7 +334,7 @@ class D2FLane(Lane):
         for i, answer in finished:
             req = self.members.pop(i, None)
             if req is not None:
-                e.finish(req, e.answer_tokens(answer[:req.cfg.max_new_tokens].tolist(), "d2f"))
+                e.finish(req, e.answer_tokens(answer[:req.cfg.max_new_tokens].tolist(), self.cfg.mode))
 
     def _on_step(self, event: dict) -> None:
         e = self.engine

@@ -1,12 +1,12 @@
-"""Samples joining a running D2F decode (`infer.d2f.steps` + `Changes`, what `infer.serve` does):
-each sample's answer and NFE equal its decode alone, whatever joins, leaves or widens the buffer."""
+"""Samples joining a running decode (`infer.d2f.steps` / `infer.ar.steps` + `Changes`, what `infer.serve`
+does): each sample's answer and NFE equal its decode alone, whatever joins, leaves or widens the buffer."""
 import dataclasses
 
 import pytest
 import torch
 
 from helpers import random_model
-from infer import d2f
+from infer import ar, d2f
 from infer.api import DecodeConfig, generate
 from infer.batch import make_batch
 from infer.steps import StepLog
@@ -23,11 +23,14 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True):
     """schedule: {step: [(prompt, gen_len), ...]} samples joining before that forward (step 0: the
     start). cancel: {step: [sample index]}. Returns {index: answer tokens (cut at EOS)}, NFE list."""
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
+    fill = mask_id if cfg.mode == "d2f" else 0
     first = schedule[0]
     G0 = max(g for _, g in first)
-    batch = make_batch([p for p, _ in first], G0, mask_id, mask_id)
+    batch = make_batch([p for p, _ in first], G0, fill, fill)
     log = StepLog(len(first))
-    gen = d2f.steps(model, batch, cfg, log, use_cache=use_cache, gen_lens=[g for _, g in first])
+    extra = {} if cfg.mode == "d2f" else {"eos_id": eos_id}
+    gen = (d2f if cfg.mode == "d2f" else ar).steps(model, batch, cfg, log, use_cache=use_cache,
+                                                    gen_lens=[g for _, g in first], **extra)
     budgets = {i: g for i, (_, g) in enumerate(first)}
     answers, step = {}, 0
     try:
@@ -41,7 +44,7 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True):
                 new = schedule[step]
                 ids = log.grow(len(new))
                 budgets.update({i: g for i, (_, g) in zip(ids, new)})
-                change.join = make_batch([p for p, _ in new], max(g for _, g in new), mask_id, mask_id)
+                change.join = make_batch([p for p, _ in new], max(g for _, g in new), fill, fill)
                 change.join_ids, change.gen_lens = ids, [g for _, g in new]
             finished = gen.send(change)
     except StopIteration:
@@ -73,6 +76,27 @@ def test_joining_samples_decode_as_alone(name, use_cache):
         assert nfe[i] == ref_nfe, f"sample {i}"
         multi += len(ref) > ref_nfe
     assert multi  # the pipeline did commit several tokens per forward somewhere
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ar_joining_samples_decode_as_alone(use_cache):
+    """AR: a sample joins at the next token; its prompt ends where the others write next (the buffer moves
+    right when its prompt is longer than that), and its budget may exceed the buffer's."""
+    model = random_model("tiny-ar", seed=12)
+    cfg = DecodeConfig(mode="ar", max_new_tokens=12)
+    schedule = {0: [(PROMPTS[1], 6), (PROMPTS[3], 12)], 1: [(PROMPTS[2], 9)], 2: [(PROMPTS[0], 20)],
+                4: [(PROMPTS[1], 3), (PROMPTS[2], 12)]}
+    got, nfe = run_with_joins(model, cfg, schedule, cancel={5: [1]}, use_cache=use_cache)
+    samples = [s for step in sorted(schedule) for s in schedule[step]]
+    assert 1 not in got and nfe[1] == 5
+    lengths = []
+    for i, (prompt, gen_len) in enumerate(samples):
+        if i == 1:
+            continue
+        ref, ref_nfe = alone(model, prompt, gen_len, cfg)
+        assert got[i] == ref and nfe[i] == ref_nfe == len(ref), f"sample {i}"
+        lengths.append(len(ref))
+    assert max(lengths) > 6  # some answers ran long enough to overlap the joins
 
 
 def test_cancelled_sample_leaves_and_others_are_unchanged():

@@ -188,31 +188,45 @@ def test_full_queue_is_429(student):
             s.client.completions.create(model="testbed", prompt="hi", max_tokens=16)
 
 
-@pytest.mark.parametrize("mode", ["fast-dllm", "ar"])
-def test_wave_modes_equal_offline(mode):
-    """The modes that batch per wave give the offline answers too (engine API, no HTTP)."""
+@pytest.mark.parametrize("mode", ["fast-dllm", "vanilla", "ar"])
+def test_other_modes_equal_offline(mode):
+    """AR joins the running batch too (our causal model); vanilla and Fast-dLLM batch per wave. The first
+    request starts alone, the others arrive while it decodes; all get the offline answers (engine API)."""
     model, tok = load(None, mode)
-    cfg = DecodeConfig(mode=mode, max_new_tokens=32, **({"block_size": 16, "cache": "dual"} if mode != "ar" else {}))
+    diffusion = {"block_size": 16} | ({"cache": "dual"} if mode == "fast-dllm" else {"steps": 32} if mode == "vanilla"
+                                      else {})
+    cfg = DecodeConfig(mode=mode, max_new_tokens=32, **(diffusion if mode != "ar" else {}))
     engine = Engine(model, tok, cfg, max_batch=4).start()
-    try:
-        texts = [format_prompt(tok, q) for q in QUESTIONS[:3]]
-        events = [[] for _ in texts]
-        done = threading.Semaphore(0)
+    texts = [format_prompt(tok, q) for q in QUESTIONS[:4]]
+    budgets = [32, 32, 32, 32] if mode != "ar" else [32, 20, 32, 7]
+    events = [[] for _ in texts]
+    done = threading.Semaphore(0)
+    started = threading.Event()
 
-        def emit(i):
-            def f(ev):
-                events[i].append(ev)
-                if ev["type"] in ("done", "error"):
-                    done.release()
-            return f
-        for i, t in enumerate(texts):
-            engine.submit(Request(encode_prompts(tok, [t])[0], cfg, 32, emit(i)))
+    def emit(i):
+        def f(ev):
+            events[i].append(ev)
+            started.set()
+            if ev["type"] in ("done", "error"):
+                done.release()
+        return f
+    try:
+        engine.submit(Request(encode_prompts(tok, [texts[0]])[0], cfg, budgets[0], emit(0)))
+        assert started.wait(60)  # the first request is decoding: the others join it (or wait for the next wave)
+        for i, t in enumerate(texts[1:], 1):
+            c = DecodeConfig(**{**cfg.__dict__, "max_new_tokens": budgets[i]})
+            engine.submit(Request(encode_prompts(tok, [t])[0], c, budgets[i], emit(i)))
         for _ in texts:
             assert done.acquire(timeout=120)
+        forwards = engine.stats["forwards"]
     finally:
         engine.close()
+    nfe = 0
     for i, t in enumerate(texts):
-        ref = offline(model, tok, t, cfg)
+        ref = offline(model, tok, t, DecodeConfig(**{**cfg.__dict__, "max_new_tokens": budgets[i]}))
         final = events[i][-1]
-        assert final["type"] == "done" and final["text"] == ref.text and final["nfe"] == ref.nfe
+        assert final["type"] == "done" and final["text"] == ref.text and final["nfe"] == ref.nfe, i
         assert "".join(ev["text"] for ev in events[i] if ev["type"] == "delta") == ref.text
+        nfe += final["nfe"]
+    if mode == "ar":
+        assert forwards < nfe  # the later requests shared the first one's forwards
