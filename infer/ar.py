@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import causal
-from infer.batch import Batch, drop_finished, new_cache, write_back
+from infer.batch import Batch, answers, drop_finished, join_at, new_cache, write_back
 from infer.sampling import predict
 from infer.steps import StepLog
 
@@ -83,10 +83,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
                        cache=cache, offset=f_lo)[:, -1, :vocab]  # (B, V)
         tok = predict(logits[:, None], cfg.temperature, generator)[0][:, 0]
         batch.x[:, pos] = torch.where(active, tok, torch.as_tensor(fill, device=dev))
-        # each sample's answer so far, (B, G): [start, start + G) of its row
-        idx = (start[:, None] + torch.arange(G, device=dev)).clamp_max(batch.x.shape[1] - 1)
-        answer = batch.x.gather(1, idx)
-        committed = (idx == pos) & active[:, None]
+        answer = answers(batch, start, G)  # (B, G): each sample's answer so far
+        committed = ((start[:, None] + torch.arange(G, device=dev)) == pos) & active[:, None]
         log(answer, active, committed, None, None, ids)
         ended = active & ((tok == eos_id) if eos_id is not None else torch.zeros_like(active))
         ended |= active & (pos + 1 - start >= budget)
@@ -125,21 +123,17 @@ def _apply(change, model, batch: Batch, start, budget, active, ids, cache, pos: 
             cache.select(keep)
         batch, start, budget, active, ids = batch.select(keep), start[keep], budget[keep], active[keep], ids[keep]
     gen_lens = change.gen_lens or [new.gen_len] * new.x.shape[0]
-    shift = max(0, new.prompt_len - pos)  # the joining prompts must fit left of pos
-    pos, lo, start = pos + shift, lo + shift, start + shift
-    L = max(batch.x.shape[1] + shift, pos + max(gen_lens))
-    old = batch.relayout(batch.prompt_len + shift, L - batch.prompt_len - shift, fill, fill)
-    joined = new.relayout(pos, L - pos, fill, fill)
-    if cache is not None:
-        cache.widen(shift, L, new_rows=new.x.shape[0])
     n = new.x.shape[0]
-    start = torch.cat([start, torch.full((n,), pos, dtype=torch.long, device=dev)])
-    budget = torch.cat([budget, torch.tensor(gen_lens, dtype=torch.long, device=dev)])
+    # causal attention never looks past a sample's own position: nothing to hide beyond its answer
+    batch, start, budget, shift = join_at(batch, start, budget, new, gen_lens, pos, fill, hide_beyond=False)
+    pos, lo = pos + shift, lo + shift
+    if cache is not None:
+        cache.widen(shift, batch.x.shape[1], new_rows=n)
     active = torch.cat([active, torch.ones(n, dtype=torch.bool, device=dev)])
     ids = torch.cat([ids, torch.tensor(change.join_ids, dtype=torch.long, device=dev)])
     # the next forward starts at the first joining prompt token (a real one: the padding before it is hidden)
-    first = pos - max(len_ for len_ in new.prompt_lens)
-    return old.concat(joined, check_layout=False), start, budget, active, ids, cache, pos, min(lo, first)
+    first = pos - max(new.prompt_lens)
+    return batch, start, budget, active, ids, cache, pos, min(lo, first)
 
 
 @torch.no_grad()

@@ -88,6 +88,39 @@ class Batch:
                      [self.prompt_lens[i] for i in rows.tolist()])
 
 
+def join_at(batch: Batch, starts: Tensor, lengths: Tensor, new: Batch, new_lengths: list[int], at: int,
+            fill_id: int, hide_beyond: bool) -> tuple[Batch, Tensor, Tensor, int]:
+    """Add `new`'s samples to a running batch with their answers starting at buffer index `at` (their
+    prompts end there), for decoders whose samples all work on the same buffer index at once (AR: the next
+    token; vanilla / Fast-dLLM: the current block), so a sample's answer starts where it joined.
+
+    starts, lengths (B,): where each running sample's answer starts and how long it may be; the new
+    samples' lengths are new_lengths. The buffer moves right by `shift` when a joining prompt is longer
+    than `at`, and grows on the right to hold every answer. hide_beyond: hide each sample's keys past the
+    end of its answer (full attention would see them; alone, the sample's buffer ends there).
+    Returns (batch, starts, lengths, shift); the caller's `at` becomes at + shift."""
+    dev = batch.x.device
+    shift = max(0, new.prompt_len - at)
+    at += shift
+    starts = torch.cat([starts + shift, torch.full((len(new_lengths),), at, dtype=torch.long, device=dev)])
+    lengths = torch.cat([lengths, torch.tensor(new_lengths, dtype=torch.long, device=dev)])
+    L = max(batch.x.shape[1] + shift, int((starts + lengths).max()))
+    old = batch.relayout(batch.prompt_len + shift, L - batch.prompt_len - shift, fill_id, fill_id)
+    out = old.concat(new.relayout(at, L - at, fill_id, fill_id), check_layout=False)
+    if hide_beyond:
+        beyond = torch.arange(L, device=dev)[None] >= (starts + lengths)[:, None]  # (B', L)
+        if beyond.any():
+            kv = out.key_valid if out.key_valid is not None else torch.ones_like(out.x, dtype=torch.bool)
+            out = Batch(out.x, out.position_ids, kv & ~beyond, out.prompt_len, out.prompt_lens)
+    return out, starts, lengths, shift
+
+
+def answers(batch: Batch, starts: Tensor, G: int) -> Tensor:
+    """(B, G): each sample's answer slots [start, start + G) (clamped to the buffer)."""
+    idx = (starts[:, None] + torch.arange(G, device=starts.device)).clamp_max(batch.x.shape[1] - 1)
+    return batch.x.gather(1, idx)
+
+
 def make_batch(prompts: list[list[int]], gen_len: int, fill_id: int, pad_id: int, device=None) -> Batch:
     """Left-pad prompts (lists of token ids) and append gen_len slots filled with fill_id."""
     P = max(len(p) for p in prompts)

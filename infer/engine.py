@@ -7,13 +7,13 @@ Requests whose decode settings agree (everything but max_new_tokens and seed) sh
 running batch. The scheduler loop steps every lane once per turn (one forward each), so lanes take
 turns on the model.
 
-- D2F and AR (our causal models) batch continuously: a request joins the running batch before the
-  next forward and leaves as soon as its answer is final (`infer.d2f.steps`, `infer.ar.steps`); each
-  sample keeps its own answer budget. Both caches are exact, so a request's tokens are those it gets
-  decoded alone (at temperature 0).
-- Vanilla, Fast-dLLM and Hugging Face AR models batch per wave: the waiting requests with the same
-  settings and budget decode together through `infer.api.generate`, and requests arriving meanwhile
-  wait for the next wave. Their decoders step a whole batch through the same block in lockstep.
+- Every decoder of ours batches continuously (`steps` in infer/d2f.py, ar.py, fast_dllm.py, vanilla.py):
+  a request joins the running batch before the next forward (D2F, AR) or at the next block boundary
+  (vanilla, Fast-dLLM: the batch works on one block at a time), and leaves as soon as its answer is
+  final. D2F and AR samples keep their own budgets; vanilla and Fast-dLLM lanes hold one budget (their
+  block schedule depends on it). A request's tokens are those it gets decoded alone (temperature 0).
+- Hugging Face AR models batch per wave: the waiting requests with the same settings and budget decode
+  together through `infer.api.generate`, and requests arriving meanwhile wait for the next wave.
 
 A request hears about its progress through `emit(event)`, called on the scheduler thread:
     {"type": "delta", "text": str}     new text of the committed left-to-right prefix
@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from infer import ar, d2f
+from infer import ar, d2f, fast_dllm, vanilla
 from infer.batch import final_tokens, make_batch
 from infer.decode_config import DecodeConfig
 from infer.prompts import cut_at_stop
@@ -148,6 +148,8 @@ class Engine:
             return StepLane(self, cfg, d2f.steps, self.mask_id, use_cache=cfg.cache != "none")
         if cfg.mode == "ar" and not ar.is_hf_model(self.model):
             return StepLane(self, cfg, ar.steps, self.pad_id, eos_id=self.eos_id)
+        if cfg.mode in ("vanilla", "fast-dllm"):
+            return StepLane(self, cfg, vanilla.steps if cfg.mode == "vanilla" else fast_dllm.steps, self.mask_id)
         return WaveLane(self, cfg)
 
     def release(self, req: Request) -> None:
@@ -275,8 +277,8 @@ class Lane:
 
 
 class StepLane(Lane):
-    """Continuous batching: requests join the running `steps` generator (`infer.d2f.steps`,
-    `infer.ar.steps`) between forwards, and leave it as soon as they are final."""
+    """Continuous batching: requests join the running `steps` generator between forwards (it applies a
+    join at the next forward or block boundary), and leave it as soon as they are final."""
 
     def __init__(self, engine: Engine, cfg: DecodeConfig, steps, fill_id: int, **kwargs):
         super().__init__(engine, cfg)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, answer_done, drop_finished, forward_logits, new_cache, write_back
+from torch import Tensor
+
+from infer.batch import Batch, answer_done, answers, forward_logits, join_at, new_cache
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog
 
@@ -41,17 +43,37 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
     """Fill batch.x's answer slots in place. refresh_every_step (tests): every step is a full
     forward that rewrites the whole cache, which must then equal cache "none". compact: at each
     block boundary drop the samples that are done (from the batch and the cache)."""
+    for finished in steps(model, batch, cfg, log, generator, refresh_every_step, compact):
+        for i, answer in finished:
+            batch.x[i, batch.prompt_len:] = answer
+
+
+def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
+          refresh_every_step: bool = False, compact: bool = True, gen_lens: list[int] | None = None):
+    """The decode loop as a generator, with the protocol of `infer.d2f.steps`: one forward per iteration,
+    yielding the samples that stopped at that step as (StepLog index, answer (G,)) pairs; samples sent in
+    `Changes.join` start at the next block boundary, aligned with the batch's current block (their
+    prompts end where it starts; `infer.batch.join_at`). Every sample has the same budget G (the block
+    schedule depends on it). That block's first step is a full forward, which rewrites the whole cache,
+    so a joining sample decodes exactly as alone."""
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
-    P, G, L = batch.prompt_len, batch.gen_len, batch.x.shape[1]
+    P, G = batch.prompt_len, batch.gen_len
     B, Bs = batch.x.shape[0], cfg.block_size
     n_blocks = G // Bs
+    if gen_lens is not None and set(gen_lens) != {G}:
+        raise ValueError(f"fast-dllm decodes one budget per batch (G = {G}), got {sorted(set(gen_lens))}")
+    dev = batch.x.device
     pattern = batch.full_pattern()
-    cache = None if cfg.cache == "none" else new_cache(model, B, L)
+    cache = None if cfg.cache == "none" else new_cache(model, B, batch.x.shape[1])
     rule = commit_rule(cfg)
+    start = torch.full((B,), P, dtype=torch.long, device=dev)  # (B,) where each sample's answer starts
     active = ~answer_done(batch.answer(), mask_id, eos_id)
-    orig, rows = batch, torch.arange(B, device=batch.x.device)  # rows: original index of each row
-    for b in range(n_blocks):
-        lo, hi = P + b * Bs, P + (b + 1) * Bs
+    ids = torch.arange(B, device=dev)  # each row's StepLog index
+    lo = P  # the current block [lo, lo + Bs), the same buffer columns for every sample
+    waiting: list = []  # joins sent mid-block, applied at the next block boundary
+    while True:
+        hi, L = lo + Bs, batch.x.shape[1]
+        blk = (lo - start) // Bs  # (B,) each sample's own index of the current block
         schedule = None
         if cfg.rule == "topk":
             schedule = vanilla_schedule((batch.x[:, lo:hi] == mask_id).sum(-1), cfg.total_steps // n_blocks)
@@ -70,20 +92,62 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
                 f_lo, f_hi, c = lo, L, cache
             else:  # dual
                 f_lo, f_hi, c = lo, hi, cache
-            logits, start = forward_logits(model, batch, f_lo, f_hi, lo, pattern, c)
-            tokens, conf = predict(logits[:, lo - start:hi - start], cfg.temperature, generator, mask_id)  # (B, Bs)
+            logits, first = forward_logits(model, batch, f_lo, f_hi, lo, pattern, c)
+            tokens, conf = predict(logits[:, lo - first:hi - first], cfg.temperature, generator, mask_id)  # (B, Bs)
             sel = rule(conf, masked, i, schedule) & masked
             batch.x[:, lo:hi] = torch.where(sel, tokens, block)
-            committed = torch.zeros(B, G, dtype=torch.bool, device=sel.device)
-            committed[:, lo - P:hi - P] = sel
-            log(batch.answer(), decoding, committed, {"block": b}, (start, f_hi), rows)
-            active = active & ~answer_done(batch.answer(), mask_id, eos_id)
+            answer = answers(batch, start, G)  # (B, G)
+            sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
+            sel_row[:, lo:hi] = sel
+            committed = sel_row.gather(1, start[:, None] + torch.arange(G, device=dev))  # (B, G)
+            info = [{"block": b} for b in blk.tolist()] if log.wants_info else None
+            log(answer, decoding, committed, info, (first, f_hi), ids)
+            done = answer_done(answer, mask_id, eos_id)
+            stopped = (active & done).nonzero()[:, 0]
+            out = list(zip(ids[stopped].tolist(), answer[stopped]))
+            active = active & ~done
             i += 1
+            change = yield out
+            if change is not None:
+                active, waiting = _take(change, ids, active, waiting)
+        # ---- block boundary: leave, join -----------------------------------------------
+        lo = hi
+        if compact and not active.all() and (active.any() or waiting):
+            keep = active.nonzero()[:, 0]
+            if cache is not None:
+                cache.select(keep)
+            batch, start, active, ids = batch.select(keep), start[keep], active[keep], ids[keep]
+        if waiting:
+            batch, start, active, ids, lo = _join(waiting, batch, start, active, ids, lo, G, mask_id)
+            waiting = []
+            if cache is not None:  # the next forward is a full one: it rewrites every row
+                cache = new_cache(model, batch.x.shape[0], batch.x.shape[1])
+        pattern = batch.full_pattern()
         if not active.any():
-            break
-        if compact and not active.all():
-            batch, rows, keep = drop_finished(orig, batch, rows, active, cache)
-            active = active[keep]
-            pattern = batch.full_pattern()
-            B = len(keep)
-    write_back(orig, batch, rows)
+            return
+
+
+def _take(change, ids: Tensor, active: Tensor, waiting: list) -> tuple[Tensor, list]:
+    """Cancel now; keep joins for the next block boundary."""
+    if change.cancel:
+        active = active & ~torch.isin(ids, torch.tensor(change.cancel, device=ids.device))
+    if change.join is not None and change.join.x.shape[0]:
+        waiting = waiting + [change]
+    return active, waiting
+
+
+def _join(waiting: list, batch: Batch, start: Tensor, active: Tensor, ids: Tensor, lo: int, G: int,
+          fill_id: int) -> tuple[Batch, Tensor, Tensor, Tensor, int]:
+    """The waiting samples join with their answers starting at the block boundary `lo`."""
+    dev = batch.x.device
+    for change in waiting:
+        new = change.join
+        if (change.gen_lens and set(change.gen_lens) != {G}) or new.gen_len != G:
+            raise ValueError(f"fast-dllm decodes one budget per batch (G = {G}); a joining batch has another")
+        n = new.x.shape[0]
+        lengths = torch.full((len(start),), G, dtype=torch.long, device=dev)
+        batch, start, _, shift = join_at(batch, start, lengths, new, [G] * n, lo, fill_id, hide_beyond=True)
+        lo += shift
+        active = torch.cat([active, torch.ones(n, dtype=torch.bool, device=dev)])
+        ids = torch.cat([ids, torch.tensor(change.join_ids, dtype=torch.long, device=dev)])
+    return batch, start, active, ids, lo

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, forward_logits
+from infer.batch import Batch, answers, forward_logits
 from infer.sampling import commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, all_true
 
@@ -21,23 +21,62 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
 
     reference: optional (B, G) answer ids; the positions chosen at each step take these tokens instead of
     the model's (train/decode_orders.py records which states decoding visits on a known answer)."""
+    for finished in steps(model, batch, cfg, log, generator, reference=reference):
+        for i, answer in finished:
+            batch.x[i, batch.prompt_len:] = answer
+
+
+def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
+          reference: torch.Tensor | None = None, gen_lens: list[int] | None = None):
+    """The decode loop as a generator, with the protocol of `infer.d2f.steps` (one forward per iteration,
+    yielding the samples finished at that step). Samples sent in `Changes.join` start at the next block
+    boundary, aligned with the batch's current block (`infer.batch.join_at`); every sample has the same
+    budget G and so the same steps per block. A sample is finished when its answer has no masks left: at
+    its last block's last step, since steps <= max_new_tokens makes every step commit at least one token."""
+    from infer.fast_dllm import _join, _take
+
     mask_id = model.config.mask_token_id
-    P, G, L = batch.prompt_len, batch.gen_len, batch.x.shape[1]
+    P, G = batch.prompt_len, batch.gen_len
     n_blocks = G // cfg.block_size
+    if gen_lens is not None and set(gen_lens) != {G}:
+        raise ValueError(f"vanilla decodes one budget per batch (G = {G}), got {sorted(set(gen_lens))}")
     steps_per_block = cfg.total_steps // n_blocks
+    dev = batch.x.device
     pattern = batch.full_pattern()
-    active = all_true(batch.x.shape[0], batch.x.device)
-    for b in range(n_blocks):
-        lo, hi = P + b * cfg.block_size, P + (b + 1) * cfg.block_size
+    start = torch.full((batch.x.shape[0],), P, dtype=torch.long, device=dev)  # (B,) where each answer starts
+    active = all_true(batch.x.shape[0], dev)
+    ids = torch.arange(batch.x.shape[0], device=dev)  # each row's StepLog index
+    lo = P  # the current block [lo, lo + block_size), the same buffer columns for every sample
+    waiting: list = []
+    while active.any():
+        hi, L = lo + cfg.block_size, batch.x.shape[1]
         counts = vanilla_schedule((batch.x[:, lo:hi] == mask_id).sum(-1), steps_per_block)  # (B, steps)
         for s in range(steps_per_block):
-            logits, start = forward_logits(model, batch, 0, L, lo, pattern)
-            tokens, conf = predict(logits[:, lo - start:hi - start], cfg.temperature, generator, mask_id)  # (B, blk)
-            if reference is not None:
-                tokens = reference[:, lo - P:hi - P]
+            logits, first = forward_logits(model, batch, 0, L, lo, pattern)
+            tokens, conf = predict(logits[:, lo - first:hi - first], cfg.temperature, generator, mask_id)  # (B, blk)
+            if reference is not None:  # (its rows are the StepLog indices)
+                tokens = reference[ids].gather(1, (lo - start)[:, None] + torch.arange(hi - lo, device=dev))
             block = batch.x[:, lo:hi]
-            sel = commit_topk(conf, block == mask_id, counts[:, s])
+            sel = commit_topk(conf, (block == mask_id) & active[:, None], counts[:, s])
             batch.x[:, lo:hi] = torch.where(sel, tokens, block)
-            committed = torch.zeros(batch.x.shape[0], G, dtype=torch.bool, device=sel.device)
-            committed[:, lo - P:hi - P] = sel
-            log(batch.answer(), active, committed, {"block": b}, (start, L))
+            sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
+            sel_row[:, lo:hi] = sel
+            pos = start[:, None] + torch.arange(G, device=dev)  # (B, G)
+            answer = answers(batch, start, G)
+            info = [{"block": b} for b in ((lo - start) // cfg.block_size).tolist()] if log.wants_info else None
+            log(answer, active, sel_row.gather(1, pos), info, (first, L), ids)
+            done = active & ~(answer == mask_id).any(-1)
+            stopped = done.nonzero()[:, 0]
+            out = list(zip(ids[stopped].tolist(), answer[stopped]))
+            active = active & ~done
+            change = yield out
+            if change is not None:
+                active, waiting = _take(change, ids, active, waiting)
+        lo = hi
+        if not active.all() and (active.any() or waiting):
+            keep = active.nonzero()[:, 0]
+            batch, start, active, ids = batch.select(keep), start[keep], active[keep], ids[keep]
+        if waiting:
+            batch, start, active, ids, lo = _join(waiting, batch, start, active, ids, lo, G, mask_id)
+            waiting = []
+        pattern = batch.full_pattern()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import random_model
-from infer import ar, d2f
+from infer import ar, d2f, fast_dllm, vanilla
 from infer.api import DecodeConfig, generate
 from infer.batch import make_batch
 from infer.steps import StepLog
@@ -23,14 +23,14 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True):
     """schedule: {step: [(prompt, gen_len), ...]} samples joining before that forward (step 0: the
     start). cancel: {step: [sample index]}. Returns {index: answer tokens (cut at EOS)}, NFE list."""
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
-    fill = mask_id if cfg.mode == "d2f" else 0
+    fill = 0 if cfg.mode == "ar" else mask_id
     first = schedule[0]
     G0 = max(g for _, g in first)
     batch = make_batch([p for p, _ in first], G0, fill, fill)
     log = StepLog(len(first))
-    extra = {} if cfg.mode == "d2f" else {"eos_id": eos_id}
-    gen = (d2f if cfg.mode == "d2f" else ar).steps(model, batch, cfg, log, use_cache=use_cache,
-                                                    gen_lens=[g for _, g in first], **extra)
+    extra = {"d2f": {"use_cache": use_cache}, "ar": {"eos_id": eos_id, "use_cache": use_cache}}.get(cfg.mode, {})
+    module = {"d2f": d2f, "ar": ar, "fast-dllm": fast_dllm, "vanilla": vanilla}[cfg.mode]
+    gen = module.steps(model, batch, cfg, log, gen_lens=[g for _, g in first], **extra)
     budgets = {i: g for i, (_, g) in enumerate(first)}
     answers, step = {}, 0
     try:
@@ -97,6 +97,28 @@ def test_ar_joining_samples_decode_as_alone(use_cache):
         assert got[i] == ref and nfe[i] == ref_nfe == len(ref), f"sample {i}"
         lengths.append(len(ref))
     assert max(lengths) > 6  # some answers ran long enough to overlap the joins
+
+
+@pytest.mark.parametrize("cfg", [
+    DecodeConfig(mode="fast-dllm", max_new_tokens=16, block_size=4, cache="dual", threshold=0.5),
+    DecodeConfig(mode="fast-dllm", max_new_tokens=16, block_size=4, cache="prefix", rule="factor", factor=2.0),
+    DecodeConfig(mode="fast-dllm", max_new_tokens=16, block_size=4, cache="none", rule="topk", steps=8),
+    DecodeConfig(mode="vanilla", max_new_tokens=16, block_size=4, steps=8)], ids=["dual", "prefix", "none", "vanilla"])
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+def test_block_boundary_joins_decode_as_alone(cfg, name):
+    """Vanilla and Fast-dLLM: a sample sent mid-block starts at the next block boundary, aligned with the
+    batch's current block; its keys past its own answer are hidden; each answer and NFE is as alone."""
+    model = random_model(name, seed=5)
+    schedule = {0: [(PROMPTS[0], 16), (PROMPTS[1], 16)], 1: [(PROMPTS[2] + PROMPTS[3], 16)], 5: [(PROMPTS[3], 16)]}
+    got, nfe = run_with_joins(model, cfg, schedule, cancel={7: [1]})
+    samples = [s for step in sorted(schedule) for s in schedule[step]]
+    for i, (prompt, gen_len) in enumerate(samples):
+        if i == 1 and i not in got:  # cancelled before it finished
+            assert nfe[1] == 7
+            continue
+        ref, ref_nfe = alone(model, prompt, gen_len, cfg)
+        assert [t for t in got[i] if t != model.config.mask_token_id] == ref and nfe[i] == ref_nfe, f"sample {i}"
+    assert 2 in got and 3 in got
 
 
 def test_cancelled_sample_leaves_and_others_are_unchanged():

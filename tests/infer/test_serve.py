@@ -190,8 +190,8 @@ def test_full_queue_is_429(student):
 
 @pytest.mark.parametrize("mode", ["fast-dllm", "vanilla", "ar"])
 def test_other_modes_equal_offline(mode):
-    """AR joins the running batch too (our causal model); vanilla and Fast-dLLM batch per wave. The first
-    request starts alone, the others arrive while it decodes; all get the offline answers (engine API)."""
+    """AR joins the running batch at the next token, vanilla and Fast-dLLM at the next block boundary. The
+    first request starts alone, the others arrive while it decodes; all get the offline answers (engine API)."""
     model, tok = load(None, mode)
     diffusion = {"block_size": 16} | ({"cache": "dual"} if mode == "fast-dllm" else {"steps": 32} if mode == "vanilla"
                                       else {})
@@ -228,5 +228,34 @@ def test_other_modes_equal_offline(mode):
         assert final["type"] == "done" and final["text"] == ref.text and final["nfe"] == ref.nfe, i
         assert "".join(ev["text"] for ev in events[i] if ev["type"] == "delta") == ref.text
         nfe += final["nfe"]
-    if mode == "ar":
-        assert forwards < nfe  # the later requests shared the first one's forwards
+    assert forwards < nfe  # the later requests shared the first one's forwards
+
+
+def test_hf_ar_model_batches_per_wave(student):
+    """A Hugging Face causal LM keeps its own cache: its requests decode in waves, still as offline."""
+    from test_ar import hf_model
+    _, tok = student
+    model = hf_model("qwen2")
+    cfg = DecodeConfig(mode="ar", max_new_tokens=8)
+    engine = Engine(model, tok, cfg).start()
+    prompts = [[5, 9, 17, 3, 44, 8], [21, 22], [70, 71, 72, 73]]
+    finals = [None] * len(prompts)
+    done = threading.Semaphore(0)
+
+    def emit(i):
+        def f(ev):
+            if ev["type"] in ("done", "error"):
+                finals[i] = ev
+                done.release()
+        return f
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, cfg, 8, emit(i)))
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+        assert type(engine.make_lane(cfg)).__name__ == "WaveLane"
+    finally:
+        engine.close()
+    for p, final in zip(prompts, finals):
+        [ref] = generate(model, tok, [p], cfg)
+        assert final["type"] == "done" and final["token_ids"] == ref.token_ids and final["nfe"] == ref.nfe
