@@ -137,6 +137,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file (e.g. one in configs/)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:

@@ -68,6 +68,36 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
     return 2
 
 
+def check_output_location(path, name: str, error: type[UserError] = UserError) -> None:
+    """Before any work: the directories above an output `path` that does not exist yet can be created there
+    (the nearest existing one is a writable directory, not a file). `name` is how the user set the path
+    ('--output-dir', 'output_dir', ...)."""
+    from pathlib import Path
+    p = Path(path).expanduser().absolute()
+    above = next((a for a in p.parents if a.exists()), None)
+    if above is None:
+        return
+    if not above.is_dir():
+        raise error(f"{name} {str(path)!r}: {str(above)!r} is a file, so no directory can be created under it; "
+                    "choose another location")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise error(f"{name} {str(path)!r}: the directory {str(above)!r} is not writable; choose another location")
+
+
+def check_output_dir(path, name: str, error: type[UserError] = UserError) -> None:
+    """Before any work: an output directory is an existing directory or a path that does not exist yet
+    (whose parents can be created); `name` is how the user set it ('--output-dir', 'output_dir', ...)."""
+    from pathlib import Path
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise error(f"{name} {str(path)!r} is not writable; choose another directory")
+        return
+    if p.exists():
+        raise error(f"{str(path)!r} is a file; {name} must be a directory (or a path that does not exist yet)")
+    check_output_location(p, name, error)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0 (argparse turns the error into one usage line and exit status 2)."""
     import argparse

@@ -15,7 +15,10 @@ for that batch (prompt processing included); NFE and tokens per forward are repo
 """
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,14 +26,14 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from d2f import device as _device
 from infer import ar, d2f, fast_dllm, vanilla
-from infer.batch import cut_at_eos, make_batch
+from infer.batch import final_tokens, make_batch
 from infer.decode_config import MODES, DecodeConfig, DecodeConfigError
 from infer.eval import synchronize
 from infer.steps import StepLog
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = _device.DTYPES  # the dtype names load accepts
 
 
 @dataclass
@@ -89,7 +92,43 @@ def special_ids(model, tokenizer) -> tuple[int | None, int | None, int]:
     return mask_id, eos, pad if pad is not None else (eos if eos is not None else 0)
 
 
+def _token_ids(i: int, p) -> list[int]:
+    """A token-id prompt (a list / tuple / 1-D tensor / array of integers) as a list of ints; float or
+    other non-integer ids are refused, never truncated."""
+    if isinstance(p, torch.Tensor):
+        if p.dim() != 1 or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+            raise DecodeConfigError(f"prompt {i} is a {p.dim()}-D {p.dtype} tensor; token-id prompts must be 1-D "
+                                    "integer tensors or lists of ints")
+        return p.tolist()
+    try:
+        items = list(p)
+    except TypeError:
+        raise DecodeConfigError(f"prompt {i} is {p!r} ({type(p).__name__}); each prompt must be a string or a list "
+                                "of token ids (ints)") from None
+    ids = []
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not (t.is_floating_point() or t.is_complex()
+                                                                  or t.dtype == torch.bool):
+            t = t.item()
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise DecodeConfigError(f"prompt {i} has token id {t!r} ({type(t).__name__}); token ids must be "
+                                    "integers (they are never rounded): convert whole-number floats with int(), or "
+                                    "check where the ids come from")
+        ids.append(int(t))
+    return ids
+
+
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    if isinstance(prompts, str):
+        raise DecodeConfigError("prompts is a single string; pass a list of prompts, e.g. [prompt]")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise DecodeConfigError(f"prompts is {prompts!r} ({type(prompts).__name__}); pass a list of strings or of "
+                                "token-id lists") from None
+    if not prompts:
+        raise DecodeConfigError("prompts is an empty list: pass at least one prompt (a string or a list of token "
+                                "ids)")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -97,12 +136,29 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
                 raise DecodeConfigError("text prompts need a tokenizer; pass one or give prompts as lists of token ids")
             ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         else:
-            ids = [int(t) for t in p]
+            ids = _token_ids(i, p)
         if not ids:
             raise DecodeConfigError(f"prompt {i} ({p!r}) is empty: diffusion and AR decoding both need at least one "
                              "prompt token")
         out.append(ids)
     return out
+
+
+def as_decode_config(cfg) -> DecodeConfig:
+    """cfg itself (validated) when it is a DecodeConfig; a dict / mapping of DecodeConfig fields (like a
+    transformers GenerationConfig dict) becomes DecodeConfig(**cfg), with the same checks."""
+    if isinstance(cfg, DecodeConfig):
+        cfg.validate()  # it may have been changed since it was built
+        return cfg
+    if isinstance(cfg, Mapping):
+        fields = [f.name for f in dataclasses.fields(DecodeConfig)]
+        unknown = [k for k in cfg if k not in fields]
+        if unknown:
+            raise DecodeConfigError(f"decode config keys {unknown} are not DecodeConfig fields; the fields are "
+                                    f"{fields}")
+        return DecodeConfig(**cfg)
+    raise DecodeConfigError(f"cfg is a {type(cfg).__name__}; pass infer.api.DecodeConfig(...) or a dict of its fields "
+                            "(mode, max_new_tokens, block_size, ...)")
 
 
 def check_vocabulary(model, tokenizer, ids: list[list[int]], mask_id: int | None, mode: str) -> None:
@@ -146,16 +202,15 @@ def _decoder_kwargs(cfg: DecodeConfig, eos_id) -> dict:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | None = None,
+def generate(model, tokenizer, prompts, cfg: DecodeConfig | Mapping, *, batch_size: int | None = None,
              on_step: Callable | None = None, trace: bool = False, **decoder_kwargs) -> list[Result]:
-    """Decode every prompt (a string, encoded without extra special tokens, or a list of token
-    ids) with cfg; returns one Result per prompt, in order. `on_step(event)` is called after
-    every forward with a dict (step, sample_ids, answer (B, G) tensor, committed, active).
+    """Decode every prompt (a string, encoded without extra special tokens, or a list of integer token
+    ids) with cfg (a DecodeConfig, or a dict of its fields); returns one Result per prompt, in order. An
+    empty list of prompts is an error. `on_step(event)` is called after every forward with a dict
+    (step, sample_ids, answer (B, G) tensor, committed, active).
     decoder_kwargs go to the mode's decoder (tests: refresh_every_step, use_cache)."""
-    cfg.validate()
+    cfg = as_decode_config(cfg)
     check_model_mode(model, cfg.mode)
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings or token-id lists, not a single string")
     ids = encode_prompts(tokenizer, prompts)
     mask_id, eos_id, pad_id = special_ids(model, tokenizer)
     check_vocabulary(model, tokenizer, ids, mask_id, cfg.mode)
@@ -189,10 +244,7 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
         wall = time.perf_counter() - t0
         nfes = log.nfe
         for i, row in enumerate(answers):
-            toks = cut_at_eos(row, eos_id)
-            if mask_id is not None and cfg.mode != "ar":
-                # masks can only remain after the first EOS (cut) or when decoding stopped early
-                toks = [t for t in toks if t != mask_id]
+            toks = final_tokens(row, mask_id, eos_id, diffusion=cfg.mode != "ar")
             text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
             nfe = nfes[i]
             results.append(Result(text=text, token_ids=toks, num_tokens=len(toks), nfe=nfe,
@@ -205,13 +257,8 @@ def generate(model, tokenizer, prompts, cfg: DecodeConfig, *, batch_size: int | 
 # ---- loading -----------------------------------------------------------------------------
 
 def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise DecodeConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
+    """A name of DTYPES or a float torch dtype (d2f.device.parse_dtype); anything else is refused."""
+    return _device.parse_dtype(dtype, DecodeConfigError)
 
 
 def _is_ours(name: str) -> bool:
@@ -250,22 +297,8 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def check_device(device) -> None:
-    """Refuse a device this machine does not have before anything is loaded."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DecodeConfigError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DecodeConfigError(f"device {device!r}: this machine has no CUDA GPU (torch.cuda.is_available() is "
-                                    "False); use --device cpu")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise DecodeConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                                    f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif d.type == "mps" and not torch.backends.mps.is_available():
-        raise DecodeConfigError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
-    elif d.type not in ("cpu", "cuda", "mps"):
-        raise DecodeConfigError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    """Refuse a device this machine does not have before anything is loaded (d2f.device.check_device)."""
+    _device.check_device(device, DecodeConfigError)
 
 
 def check_reference(what: str, ref: str | None) -> None:

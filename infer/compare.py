@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from d2f.config import ConfigError, from_dict, load_config
+from d2f.errors import check_output_dir
 from d2f.errors import UserError
 from d2f.testbed import role_for_mode
 from infer.decode_config import check_fields_apply
@@ -242,6 +243,7 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
 
         torch.set_num_threads(cc.threads)
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, "--output-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = E.load_problems(cc.data, cc.split, cc.limit)
     print(f"comparing {len(rows)} configs on {len(problems)} problems from {cc.data!r} ({cc.split}) "

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from d2f.errors import UserError
+from d2f.errors import UserError, check_output_dir
 from infer import prompts as P
 from infer.cli_args import add_decode_args, decode_config_from_args
 
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.shots = P.default_shots(args.data)
     data_name = Path(args.data).stem if args.data not in ("testbed", "real100", "hub") else args.data
     out_dir = Path(args.output_dir or Path("outputs") / "eval" / f"{data_name}-{cfg.mode}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--output-dir {str(out_dir)!r} is a file; give a directory")
+    check_output_dir(out_dir, "--output-dir")
     out_dir.mkdir(parents=True, exist_ok=True)  # fails here, before the model loads, on a read-only location
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"--output-dir {str(out_dir)!r} is not writable; choose another")

@@ -54,6 +54,9 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.input_file:
         path = Path(args.input_file)
+        if path.is_dir():
+            raise UserError(f"--input-file {str(path)!r} is a directory; pass a .jsonl file (one JSON object with a "
+                            "'prompt' or 'question' field per line)")
         if not path.is_file():
             raise UserError(f"--input-file {str(path)!r} does not exist")
         n_read = 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from d2f.errors import UserError, positive_int  # noqa: E402
+from d2f.errors import UserError, check_output_location, positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -82,6 +82,10 @@ def main(argv=None) -> None:
     except ImportError as e:
         raise UserError(f"the inference engine is not installed ({e}); it lives in infer/ of this repository: "
                          "run from the repository root with `pip install -e .`") from None
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {args.out!r} is a directory; pass the path of the .jsonl file to write")
+    check_output_location(out, "--out")
     problems = load_prompts(args)
     cfg = DecodeConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size)
     cfg.validate()
@@ -89,7 +93,6 @@ def main(argv=None) -> None:
     if tok is None:
         raise UserError(f"no tokenizer found for {args.model!r}; pass --tokenizer")
     from d2f.data.extract import is_correct
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     t0, done, unfinished, correct = time.time(), 0, 0, 0

@@ -66,6 +66,7 @@ def fx(tmp_path_factory) -> Path:
     (d / "preds").mkdir()
     (d / "preds" / "predictions.jsonl").write_text(json.dumps({"index": 0}) + "\n")
     (d / "afile").write_text("x")
+    (d / "dir.jsonl").mkdir()  # a directory where a data file is expected
     (d / "bad_run").mkdir()
     (d / "bad_run" / "predictions.jsonl").write_text(json.dumps({"index": 0}) + "\n")
     (d / "bad_run" / "run.json").write_text("[1]")
@@ -127,6 +128,7 @@ CASES = [
     ("generate", GEN + ["--trace", "/nonexistent_dir/t.jsonl"], ["--trace", "'/nonexistent_dir' does not exist"]),
     ("generate", GEN + ["--trace", "{fx}"], ["--trace", "is a directory"]),
     ("generate", ["--input-file", "{fx}/missing.jsonl"], ["missing.jsonl' does not exist"]),
+    ("generate", ["--input-file", "{fx}/dir.jsonl"], ["--input-file", "dir.jsonl' is a directory", "pass a .jsonl file"]),
     ("generate", ["--input-file", "{fx}/empty.jsonl"], ["holds no prompts"]),
     ("generate", ["--input-file", "{fx}/list.jsonl"], ["list.jsonl:1", "a JSON list"]),
     ("generate", ["--input-file", "{fx}/broken.jsonl"], ["broken.jsonl:1", "not a JSON line"]),
@@ -171,7 +173,11 @@ CASES = [
     ("eval", ["--shots", "-1"], ["--shots must be >= 0"]),
     ("eval", ["--data", "/no/such.jsonl", "--output-dir", "{fx}/out_nodata"], ["/no/such.jsonl"]),
     ("eval", ["--data", "{fx}/list.jsonl", "--output-dir", "{fx}/out_list"], ["row 0", "no 'question'/'answer'"]),
-    ("eval", ["--limit", "2", "--output-dir", "{fx}/afile"], ["is a file"]),
+    ("eval", ["--limit", "2", "--output-dir", "{fx}/afile"],
+     ["afile' is a file; --output-dir must be a directory (or a path that does not exist yet)"]),
+    ("eval", ["--limit", "2", "--output-dir", "{fx}/afile/sub"], ["afile' is a file, so no directory can be created"]),
+    ("eval", ["--data", "{fx}/dir.jsonl", "--output-dir", "{fx}/out_datadir"], ["dir.jsonl' is a directory",
+                                                                                 ".jsonl or .parquet file"]),
     ("eval", ["--limit", "2", "--output-dir", "/proc/d2f-out"], ["/proc/d2f-out"]),
     ("eval", ["--mode", "vanilla", "--max-new-tokens", "32", "--limit", "1", "--no-progress", "--output-dir",
               "{fx}/preds"], ["no run.json", "--overwrite"]),
@@ -181,6 +187,9 @@ CASES = [
     # ---- infer.compare
     ("compare", ["--config", "/no/compare.yaml"], ["'/no/compare.yaml' does not exist"]),
     ("compare", ["--config", "{fx}/bad.yaml"], ["not valid YAML", "line"]),
+    ("compare", ["--config", "{fx}/empty_dir"], ["config file", "is a directory; pass a YAML file"]),
+    ("compare", ["--limit", "1", "--output-dir", "{fx}/afile"],
+     ["afile' is a file; --output-dir must be a directory (or a path that does not exist yet)"]),
     ("compare", ["--config", "{fx}/compare.yaml", "--output-dir", "{fx}/cmp"], ["baseline 'teacher-vanila'"]),
     ("compare", ["--only", "nope", "--output-dir", "{fx}/cmp2"], ["--only names unknown configs ['nope']"]),
     ("compare", ["limitt=3", "--output-dir", "{fx}/cmp3"], ["unknown config key 'limitt'", "limit"]),
@@ -205,6 +214,13 @@ CASES = [
     ("distill", DISTILL + ["model.base=/no/such/teacher"], ["'/no/such/teacher' does not exist"]),
     ("distill", ["--config", "/no/config.yaml"], ["'/no/config.yaml' does not exist"]),
     ("distill", ["--config", "{fx}/bad.yaml"], ["not valid YAML"]),
+    ("distill", ["--config", "{fx}/empty_dir"], ["config file", "empty_dir' is a directory; pass a YAML file"]),
+    ("distill", DISTILL + ["output_dir={fx}/afile"],
+     ["afile' is a file; output_dir must be a directory (or a path that does not exist yet)"]),
+    ("distill", DISTILL + ["data.teacher_answers=0", "data.source={fx}/dir.jsonl", "output_dir={fx}/dist_dir"],
+     ["data file", "dir.jsonl' is a directory", "a .jsonl file"]),
+    ("distill", DISTILL + ["data.teacher_answers=2", "data.source={fx}/dir.jsonl", "output_dir={fx}/dist_ta"],
+     ["data.source", "dir.jsonl' is a directory", "data.teacher_answers=2", "set data.source to a file path"]),
     ("distill", DISTILL + ["resume=/no/checkpoint"], ["resume='/no/checkpoint' is not a complete checkpoint"]),
     # ---- train/pretrain.py
     ("pretrain", PRETRAIN + ["grad_clip=-1"], ["grad_clip must be > 0"]),
@@ -223,9 +239,21 @@ CASES = [
     ("pretrain", PRETRAIN + ["decode_order_frac=0.5", "clean_prefix_frac=0", "decode_orders={fx}/afile",
                              "data.num_problems=4"],
      ["is not a decode_orders file"]),
+    ("pretrain", ["--config", "{fx}/empty_dir"], ["config file", "empty_dir' is a directory; pass a YAML file"]),
+    ("pretrain", PRETRAIN + ["output_dir={fx}/afile"],
+     ["afile' is a file; output_dir must be a directory (or a path that does not exist yet)"]),
+    ("pretrain", ["--config", "configs/testbed_teacher_bidir.yaml", "batch_size=0", "output_dir={fx}/pt_b0"],
+     ["batch_size must be an integer >= 1, got 0"]),
+    ("pretrain", PRETRAIN + ["init_from=testbed/ar", "model.num_layers=4", "data.num_problems=4",
+                             "output_dir={fx}/pt_init"],
+     ["init_from 'testbed/ar' does not match the configured model", "18 tensor(s) differ",
+      "'model.transformer.blocks.4.attn_norm.weight' (model: absent, checkpoint: (192,))",
+      "model.num_layers=6 (configured: 4)", "drop init_from"]),
     # ---- scripts/make_distill_data.py
     ("make_distill_data", ["--model", "testbed/teacher", "--source", "testbed", "--out", "{fx}/x.jsonl"],
      ["needs --n"]),
+    ("make_distill_data", ["--model", "testbed/teacher", "--source", "testbed", "--n", "2", "--out", "{fx}/dir.jsonl"],
+     ["--out", "dir.jsonl' is a directory"]),
 ]
 
 
@@ -263,3 +291,22 @@ def test_a_bug_is_not_hidden():
         raise KeyError("internal")
     with pytest.raises(KeyError):
         run_main(broken, [])
+
+
+@pytest.mark.parametrize("source", ["{fx}/dir.jsonl", "{fx}/afile/answers.jsonl"])
+def test_distill_checks_where_teacher_answers_go_before_writing_them(source, fx, capsys, monkeypatch):
+    """data.teacher_answers decodes the teacher's answers (minutes at the shipped 800) before training: a
+    data.source they cannot be written to is refused first, before any model loads."""
+    import d2f.models
+    import train.distill as distill
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started before data.source was checked")
+    monkeypatch.setattr(distill, "make_teacher_answers", never)
+    monkeypatch.setattr(d2f.models, "load_model", never)
+    monkeypatch.chdir(REPO)
+    rc = run_main(distill.main, DISTILL + ["data.teacher_answers=2", f"data.source={source.format(fx=fx)}",
+                                           f"output_dir={fx}/dist_ta2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: data.source" in err, err
+    assert ("is a directory" if "dir.jsonl" in source else "is a file, so no directory can be created") in err

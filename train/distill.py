@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # `python train/distill.py` / `accelerate launch 
 
 from d2f import masks  # noqa: E402
 from d2f.config import ConfigError, load_config, save_config  # noqa: E402
+from d2f.errors import check_output_dir, check_output_location  # noqa: E402
 from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
 from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402
 from train.checkpoint import (apply_optimizer_settings, load_checkpoint, resume_changes, resume_checkpoint,  # noqa: E402
@@ -196,6 +197,19 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not one of float32, bfloat16, float16")
 
 
+def check_data_source(d: DataSection) -> None:
+    """Before any model loads: a data.source that data.teacher_answers would write (it does not exist yet)
+    must be a file path that can be written, or the teacher's answers are decoded only to be thrown away."""
+    p = Path(d.source).expanduser()
+    if d.teacher_answers <= 0 or p.is_file():
+        return
+    if p.is_dir():
+        raise ConfigError(f"data.source {d.source!r} is a directory, but data.teacher_answers={d.teacher_answers} "
+                          "writes the teacher's answers to a .jsonl file: set data.source to a file path (e.g. "
+                          f"{str(p / 'teacher_answers.jsonl')!r}), or to an existing data file")
+    check_output_location(p, "data.source", ConfigError)
+
+
 def check_model_source(name: str) -> None:
     """Fail fast on a teacher path that does not exist (before downloading or loading anything)."""
     from d2f.models import PRESETS
@@ -241,6 +255,9 @@ def read_records(source: str, split: str = "train", limit: int | None = None) ->
     """A local .jsonl file (one JSON object per line) or a hub data set."""
     p = Path(source).expanduser()
     if source.endswith(".jsonl") or p.is_file():
+        if p.is_dir():
+            raise ConfigError(f"data file {source!r} is a directory; set data.source to a .jsonl file (one JSON "
+                              "object per line)")
         if not p.is_file():
             raise ConfigError(f"data file {source!r} does not exist")
         records = []
@@ -514,6 +531,8 @@ def main(argv=None) -> dict:
 
     # ---- 1. everything that can be wrong with the input, before any compute -----------------
     validate(cfg)
+    check_output_dir(cfg.output_dir, "output_dir", ConfigError)
+    check_data_source(cfg.data)
     check_model_source(cfg.model.base)
     ckpt, changed = find_resume_checkpoint(cfg)
     if cfg.data.teacher_answers > 0 and not Path(cfg.data.source).is_file():

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from d2f.config import ConfigError, load_config, save_config  # noqa: E402
+from d2f.errors import check_output_dir  # noqa: E402
 from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
 from train.accelerator import make_accelerator  # noqa: E402
 from train.checkpoint import (apply_optimizer_settings, load_checkpoint, resume_changes, resume_checkpoint,  # noqa: E402
@@ -115,6 +116,10 @@ class PretrainConfig:
         return round(self.batch_size * self.decode_order_frac)
 
     def validate(self):
+        for name in ("batch_size", "max_steps", "save_every", "log_every"):  # first: the shares below divide them
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.save_dtype not in ("float32", "bfloat16"):
@@ -170,9 +175,6 @@ class PretrainConfig:
         if self.data.num_problems <= 0 or self.data.answer_len <= 0:
             raise ConfigError(f"data.num_problems and data.answer_len must be > 0, got {self.data.num_problems} and "
                               f"{self.data.answer_len}")
-        for name in ("batch_size", "max_steps", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -424,20 +426,48 @@ def build_dataset(cfg: PretrainConfig, tokenizer):
                            cfg.data.answer_len)
 
 
-def init_weights(model, path: str | Path) -> None:
+def init_weights(model, path: str | Path, what: str = "the checkpoint") -> None:
     """Copy every tensor of a model directory (config.json + safetensors; a checkpoint-<step> directory is
     one) into `model`: `init_from` and resuming both load weights this way.
 
     Only tensors matter, not the attention flag: an AR baseline (is_causal) initialises a dLLM, the
     AR-to-diffusion adaptation that Dream and DiffuLLaMA use to train dLLMs with less compute."""
     from d2f.models import from_pretrained
-    state = from_pretrained(Path(path), dtype=torch.float32).state_dict()
+    source = from_pretrained(Path(path), dtype=torch.float32)
+    state = source.state_dict()
     own = model.state_dict()
-    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-    if bad or len(state) != len(own):
-        raise ConfigError(f"the checkpoint {str(path)!r} does not match the configured model: mismatched or missing "
-                         f"tensors {bad[:5]} (model has {len(own)} tensors, the source {len(state)})")
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+    if bad:
+        raise ConfigError(f"{what} {str(path)!r} does not match the configured model: "
+                          f"{describe_mismatch(bad, own, state)}. {architecture_hint(model, source)}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def describe_mismatch(bad: list[str], own: dict, state: dict, first: int = 4) -> str:
+    """"N tensor(s) differ (...): 'x' (model: (a, b), checkpoint: (c, d)); ..." for the first few names."""
+    def shape(d, k):
+        return tuple(d[k].shape) if k in d else "absent"
+    shown = "; ".join(f"{k!r} (model: {shape(own, k)}, checkpoint: {shape(state, k)})" for k in bad[:first])
+    more = f"; ... ({len(bad) - first} more)" if len(bad) > first else ""
+    return (f"{len(bad)} tensor(s) differ (the model has {len(own)} tensors, the checkpoint {len(state)}): "
+            f"{shown}{more}")
+
+
+# the recipe's model.* keys and the ModelConfig fields they set
+ARCHITECTURE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+
+
+def architecture_hint(model, source) -> str:
+    """What to do about a checkpoint of another architecture: the model.* values that differ."""
+    mine, theirs = getattr(model, "config", None), getattr(source, "config", None)
+    diffs = [f"model.{k}={getattr(theirs, k)} (configured: {getattr(mine, k)})" for k in ARCHITECTURE_KEYS
+             if mine is not None and theirs is not None and getattr(mine, k, None) != getattr(theirs, k, None)]
+    if mine is not None and theirs is not None and mine.vocab_size != theirs.vocab_size:
+        diffs.append(f"a tokenizer of {theirs.vocab_size} tokens (configured tokenizer: {mine.vocab_size})")
+    if diffs:
+        return (f"The checkpoint has {', '.join(diffs)}: set these in the recipe to match it, or drop init_from "
+                "to start from random weights")
+    return "Set the recipe's model.* to the checkpoint's architecture (its config.json), or drop init_from"
 
 
 def train(cfg: PretrainConfig, on_step=None) -> dict:
@@ -451,6 +481,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     from d2f.data.tokenizer import load_tokenizer
 
     cfg.validate()
+    check_output_dir(cfg.output_dir, "output_dir", ConfigError)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision)  # 1 process or DDP (CPU: gloo)
@@ -482,7 +513,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     ckpt = resume_checkpoint(out, cfg.resume)
     changed = resume_changes(ckpt, cfg, RESUME_FIXED) if ckpt is not None else {}
     if ckpt is None and cfg.init_from:
-        init_weights(model, cfg.init_from)
+        init_weights(model, cfg.init_from, "init_from")
         accelerator.print(f"initialised the weights from {cfg.init_from}")
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
@@ -579,8 +610,9 @@ def export_checkpoint(cfg: PretrainConfig, checkpoint: str | Path, output_dir: s
     checkpoint = Path(checkpoint)
     if not (checkpoint / STATE_NAME).is_file():
         raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint-<step> directory (no {STATE_NAME})")
-    model = from_pretrained(checkpoint, dtype=torch.float32)
     out = Path(output_dir or cfg.output_dir)
+    check_output_dir(out, "output_dir", ConfigError)
+    model = from_pretrained(checkpoint, dtype=torch.float32)
     save_pretrained(model, out, dtype=getattr(torch, cfg.save_dtype))
     load_tokenizer(cfg.tokenizer).save_pretrained(str(out))
     save_config(cfg, out / "config.yaml")

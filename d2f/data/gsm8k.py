@@ -94,6 +94,9 @@ def load_gsm8k(source: str = "testbed", split: str = "test", limit: int | None =
         rows = _load_hub(split)
     else:
         path = Path(source).expanduser()
+        if path.is_dir():
+            raise UserError(f"GSM8K source {source!r} is a directory; pass a .jsonl or .parquet file in it, or one "
+                            f"of {SOURCES[:-1]}")
         if not path.is_file():
             raise FileNotFoundError(f"GSM8K source {source!r} is neither a known source nor a file. Pass one of "
                                     f"{SOURCES}")

@@ -20,7 +20,10 @@ __all__ = ["ModelConfig", "ModelConfigError", "CheckpointError", "LLaDAModelLM",
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, device=None, seed: int = 0):
-    """A preset name, a hub id, or a local checkpoint directory."""
+    """A preset name, a hub id, or a local checkpoint directory. dtype: a torch float dtype or its name
+    ("float32", "bf16", ...); device: checked against this machine before anything loads."""
+    from d2f.models.io import check_load_args
+    dtype, device = check_load_args(name_or_path, dtype, device)
     if name_or_path in PRESETS:
         hub_id, cfg = PRESETS[name_or_path]
         if hub_id is None:

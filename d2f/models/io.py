@@ -111,9 +111,26 @@ def _read_tensor(fh, key: str, f: Path) -> torch.Tensor:
         raise _unreadable(f, e) from None
 
 
+def check_load_args(name_or_path, dtype, device) -> tuple[torch.dtype | None, object]:
+    """(dtype, device) for loading name_or_path, or a UserError naming the bad argument: no checkpoint
+    reference, a dtype that is not a float dtype (or its name), a device this machine does not have."""
+    from d2f.device import check_device, parse_dtype
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise CheckpointError(f"name_or_path {name_or_path!r} is not a model: pass a checkpoint directory "
+                              "(config.json + *.safetensors), a hub id (owner/name) or a preset name")
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
+    if device is not None:
+        check_device(device, use_cpu="device='cpu'")
+    return dtype, device
+
+
 def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
                     config: ModelConfig | None = None):
-    """Load our model class for a LLaDA / Dream checkpoint (no trust_remote_code)."""
+    """Load our model class for a LLaDA / Dream checkpoint (no trust_remote_code). dtype: a torch float
+    dtype or its name ("float32", "bf16", ...; None = the checkpoint's); device: checked against this
+    machine before anything is read."""
+    dtype, device = check_load_args(name_or_path, dtype, device)
     path = resolve_checkpoint(name_or_path)
     cfg = config or read_config(path)
     with torch.device("meta"):

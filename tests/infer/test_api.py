@@ -108,6 +108,71 @@ def test_load_preset_and_errors():
         load("tiny-dream", "foo")
 
 
+def test_load_refuses_a_dtype_that_cannot_hold_weights():
+    with pytest.raises(DecodeConfigError, match="dtype torch.int8 cannot hold model weights"):
+        load("tiny-dream", "fast-dllm", dtype=torch.int8)
+    model, _ = load("tiny-dream", "fast-dllm", dtype=torch.float64)
+    assert model.dtype == torch.float64
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_model"])
+def test_from_pretrained_and_load_model_check_dtype_device_and_name(loader):
+    """d2f.models.from_pretrained / load_model take dtype names and torch dtypes as infer.api.load does, and
+    refuse what load refuses, with UserErrors (not torch tracebacks)."""
+    import d2f.models
+    from d2f.errors import UserError
+    fn = getattr(d2f.models, loader)
+    teacher = "testbed/teacher" if loader == "from_pretrained" else "tiny-llada"
+    assert fn(teacher, dtype="float32").dtype == torch.float32
+    assert fn(teacher, dtype="bf16").dtype == torch.bfloat16
+    assert fn(teacher, dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(UserError, match=r"dtype torch.int64 cannot hold model weights; use one of torch.float32"):
+        fn(teacher, dtype=torch.int64)
+    with pytest.raises(UserError, match=r"dtype 'int8' is not one of \['bf16'"):
+        fn(teacher, dtype="int8")
+    with pytest.raises(UserError, match=r"name_or_path None is not a model: pass a checkpoint directory"):
+        fn(None)
+    with pytest.raises(UserError, match="device 'tpu' is not a device name"):
+        fn(teacher, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"device 'cuda': this machine has no CUDA GPU .* use device='cpu'"):
+            fn(teacher, device="cuda")
+
+
+def test_generate_prompt_list_checks():
+    model = random_model("tiny-llada")
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=8, block_size=4)
+    with pytest.raises(DecodeConfigError, match="prompts is an empty list: pass at least one prompt"):
+        generate(model, None, [], cfg)
+    with pytest.raises(DecodeConfigError, match=r"prompt 0 has token id 2.5 \(float\); token ids must be integers"):
+        generate(model, None, [[3, 2.5]], cfg)
+    with pytest.raises(DecodeConfigError, match=r"prompt 1 has token id 4.0 \(float\)"):  # whole floats too
+        generate(model, None, [[3], [4.0]], cfg)
+    with pytest.raises(DecodeConfigError, match="prompt 0 is a 1-D torch.float32 tensor"):
+        generate(model, None, [torch.tensor([3.0, 4.0])], cfg)
+    with pytest.raises(DecodeConfigError, match=r"prompt 0 is 5 \(int\); each prompt must be a string or a list"):
+        generate(model, None, [5], cfg)
+    with pytest.raises(DecodeConfigError, match="prompts is a single string; pass a list of prompts"):
+        generate(model, None, "hello", cfg)
+    # integer tensors and numpy ints are token ids like ints
+    import numpy as np
+    want = generate(model, None, [[3, 4]], cfg)[0].token_ids
+    assert generate(model, None, [torch.tensor([3, 4])], cfg)[0].token_ids == want
+    assert generate(model, None, [np.array([3, 4])], cfg)[0].token_ids == want
+
+
+def test_generate_takes_a_dict_of_decode_config_fields():
+    model = random_model("tiny-llada")
+    want = generate(model, None, [[3, 4]], DecodeConfig(mode="d2f", max_new_tokens=8, block_size=4))[0].token_ids
+    assert generate(model, None, [[3, 4]], {"mode": "d2f", "max_new_tokens": 8, "block_size": 4})[0].token_ids == want
+    with pytest.raises(DecodeConfigError, match="max_new_tokens must be a positive integer, got 0"):
+        generate(model, None, [[3, 4]], {"mode": "d2f", "max_new_tokens": 0})
+    with pytest.raises(DecodeConfigError, match=r"decode config keys \['max_new_tokns'\] are not DecodeConfig fields"):
+        generate(model, None, [[3, 4]], {"max_new_tokns": 8})
+    with pytest.raises(DecodeConfigError, match=r"cfg is a str; pass infer.api.DecodeConfig\(...\) or a dict"):
+        generate(model, None, [[3, 4]], "d2f")
+
+
 def test_format_prompt():
     class Tok:
         chat_template = "x"
