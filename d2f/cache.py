@@ -68,6 +68,14 @@ class KVCache:
         self.v = [t[rows] for t in self.v]
 
 
+    def rows(self, a: int, b: int) -> "KVCache":
+        """Batch rows [a, b) as a cache of their own that shares this one's buffers (writes go through;
+        the caller takes the view's `length` back)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[a:b] for t in self.k], [t[a:b] for t in self.v]
+        view.max_len, view.length = self.max_len, self.length
+        return view
+
     def widen(self, shift: int, max_len: int, new_rows: int = 0) -> None:
         """Follow `Batch.relayout` + `Batch.concat`: move every row's keys/values right by `shift`
         (rows [0, shift) become padding), grow the buffer to max_len rows, and append `new_rows`

@@ -75,7 +75,8 @@ class Pattern:
                 raise ValueError("block_causal needs prompt_len (index where answer block 0 starts)")
 
     def dense(self, q_idx: Tensor, k_idx: Tensor) -> Tensor:
-        """Boolean SDPA mask (B or 1, 1, Tq, Tk); True = may attend."""
+        """Boolean SDPA mask (B or 1, 1, Tq, Tk); True = may attend. q_idx is (Tq,), or (B, Tq) when
+        each sample's queries sit at their own buffer indices (`infer.batch.forward_rows`)."""
         mask = allowed(self.kind, q_idx, k_idx, self.prompt_len, self.block_size)
         mask = mask if mask.dim() == 3 else mask[None]  # (B|1, Tq, Tk)
         if self.key_valid is not None:
@@ -83,7 +84,7 @@ class Pattern:
             mask = mask & kv[:, None, :]
             # A padding query would see nothing (a NaN row in softmax): let every query see
             # itself. Pad rows are never read, real rows are unaffected.
-            mask = mask | (q_idx[:, None] == k_idx[None, :])
+            mask = mask | (q_idx[..., :, None] == k_idx[None, :])
         return mask[:, None]  # (B|1, 1, Tq, Tk)
 
 

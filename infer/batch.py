@@ -160,6 +160,43 @@ def forward_logits(model, batch: Batch, lo: int, hi: int, need_lo: int, pattern:
     return logits[..., :model.config.vocab_size], start
 
 
+class _RowWindows:
+    """A KVCache seen through per-sample windows: sample i's T new rows are written at buffer indices
+    starts[i] + [0, T), and attention reads rows [0, S) of every sample (`forward_rows`)."""
+
+    def __init__(self, cache: KVCache, starts: Tensor, width: int, keys: int):
+        self.cache, self.keys = cache, keys
+        self.idx = (starts[:, None] + torch.arange(width, device=starts.device))[:, None, :, None]  # (B, 1, T, 1)
+
+    def kv_len(self, offset, q_len: int) -> int:
+        return self.keys
+
+    def update(self, layer: int, offset, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        idx = self.idx.expand(-1, k.shape[1], -1, k.shape[3])  # (B, H_kv, T, D)
+        self.cache.k[layer].scatter_(2, idx, k)
+        self.cache.v[layer].scatter_(2, idx, v)
+        if layer == len(self.cache.k) - 1:
+            self.cache.length = max(self.cache.length, self.keys)
+        return self.cache.k[layer][:, :, :self.keys], self.cache.v[layer][:, :, :self.keys]
+
+
+def forward_rows(model, batch: Batch, starts: Tensor, width: int, pattern: Pattern, cache: KVCache) -> Tensor:
+    """One model call where sample i forwards its own window, buffer indices [starts[i], starts[i] + width),
+    against the cache, instead of one window shared by the whole batch (`forward_logits`). Samples at
+    different stages of decoding (a server's batch) then pay for their own windows, not for the span of
+    all of them. Windows must lie inside the buffer. Returns logits (B, width, V) where logits[i, j]
+    predicts the token at buffer index starts[i] + j (Dream's shift handled: row j - 1 predicts it, so a
+    window must start one index before the first one it needs)."""
+    idx = starts[:, None] + torch.arange(width, device=starts.device)  # (B, T) buffer indices
+    keys = int(starts.max()) + width
+    mask = pattern.dense(idx, torch.arange(keys, device=starts.device))  # (B, 1, T, S)
+    logits = model(batch.x.gather(1, idx), position_ids=batch.position_ids.gather(1, idx), mask=mask,
+                   cache=_RowWindows(cache, starts, width, keys), offset=0)  # (B, T, V)
+    if model.config.logits_shift:
+        logits = shift_logits(logits)
+    return logits[..., :model.config.vocab_size]
+
+
 def answer_done(answer: Tensor, mask_id: int, eos_id: int | None) -> Tensor:
     """(B,) bool: the answer can no longer change up to its first EOS, i.e. it has no masks at all,
     or it has a committed EOS with no mask before it (tokens are never remasked)."""

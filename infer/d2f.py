@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import block_causal
-from infer.batch import Batch, answer_done, forward_logits, new_cache
+from infer.batch import Batch, answer_done, forward_logits, forward_rows, new_cache
 from infer.sampling import commit_threshold, predict
 from infer.steps import StepLog
 
@@ -98,20 +98,29 @@ class Changes:
 
 
 def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
-           use_cache: bool = True, compact: bool = True) -> None:
+           use_cache: bool = True, compact: bool = True, windows: str = "union") -> None:
     """Fill batch.x's answer slots in place. compact: drop finished samples from the batch (and
-    the cache) so later forwards only pay for the samples still decoding."""
-    for finished in steps(model, batch, cfg, log, generator, use_cache, compact):
+    the cache) so later forwards only pay for the samples still decoding. windows: see `steps`."""
+    for finished in steps(model, batch, cfg, log, generator, use_cache, compact, windows=windows):
         for i, answer in finished:
             batch.x[i, batch.prompt_len:] = answer
 
 
 def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
-          use_cache: bool = True, compact: bool = True, gen_lens: list[int] | None = None):
+          use_cache: bool = True, compact: bool = True, gen_lens: list[int] | None = None, windows: str = "union"):
     """The decode loop as a generator: one forward per iteration. Each iteration yields the samples that
     stopped decoding at that step as (StepLog index, answer (G,)) pairs; the batch's samples have
     indices 0..B-1, and every sample is yielded once. `send(Changes(...))` adds or cancels samples
-    before the next forward. gen_lens: each sample's answer budget in tokens (default: all of G)."""
+    before the next forward. gen_lens: each sample's answer budget in tokens (default: all of G).
+
+    windows: "union" forwards one window for the batch, the union of the samples' windows (any
+    attention backend, static shapes); "rows" forwards each sample's own window (`forward_rows`: SDPA
+    with a per-sample mask), which is what pays when samples are at different stages, as in a server's
+    batch. Both compute the same thing; `use_cache=False` needs "union"."""
+    if windows not in ("union", "rows"):
+        raise ValueError(f"windows must be 'union' or 'rows', got {windows!r}")
+    if windows == "rows" and not use_cache:
+        raise ValueError("windows='rows' forwards against the cache; the no-cache reference uses 'union'")
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
     Bs = cfg.block_size
     dev = batch.x.device
@@ -124,35 +133,67 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         P, L = batch.prompt_len, batch.x.shape[1]
         B, NB = rows.added.shape
         added, full_act, finished, active = rows.added, rows.full_act, rows.finished, rows.active
-        # ---- 1. forward the union window of the decoding samples --------------------------
+        # ---- 1. forward the in-flight windows -------------------------------------------------
         n_added = added.sum(-1)  # (B,)
+        hi_row = P + n_added * Bs  # (B,) end of each sample's window
         # One read of the device's state per step (a host sync): is any sample decoding, and the
-        # union window's bounds. Everything else stays on the device.
-        decoding, lo, top = torch.stack([active.any().long(), torch.where(active, rows.exact_end, L).min(),
-                                         torch.where(active, n_added, 0).max()]).tolist()
+        # window bounds. Everything else stays on the device.
+        decoding, lo, top, n_new = torch.stack([active.any().long(), torch.where(active, rows.exact_end, L).min(),
+                                                torch.where(active, n_added, 0).max(),
+                                                (active & (rows.exact_end < P)).sum()]).tolist()
         if not decoding:
             return
         lo = lo if use_cache else 0
         hi = P + top * Bs
-        logits, start = forward_logits(model, batch, lo, hi, max(lo, P), pattern, cache)
+        G = batch.gen_len
+        parts = []  # (rows a..b, their answer indices (b-a, T), tokens, confidences)
+        if windows == "rows":
+            # Each sample forwards [its exact end, its window end); a sample that just joined (at the end of
+            # the batch), [0, window end): its prompt is not cached yet. Those go in a forward of their own,
+            # so their long windows do not widen everybody's.
+            shift = model.config.logits_shift
+            for a, b in [(0, B)] if n_new in (0, B) else [(0, B - n_new), (B - n_new, B)]:
+                end, act = rows.exact_end[a:b], active[a:b]
+                starts = torch.where(end >= P, end - shift, 0)
+                width = int(torch.where(act, hi_row[a:b] - starts, 0).max())
+                if width == 0:  # nobody decoding in this part (cancelled)
+                    continue
+                starts = torch.where(act, starts, 0).clamp_max(L - width)
+                sub = Batch(batch.x[a:b], batch.position_ids[a:b],
+                            None if batch.key_valid is None else batch.key_valid[a:b], P, batch.prompt_lens[a:b])
+                view = cache.rows(a, b)
+                logits = forward_rows(model, sub, starts, width, block_causal(P, Bs, sub.key_valid), view)
+                cache.length = max(cache.length, view.length)
+                idx = starts[:, None] + torch.arange(width, device=dev) - P  # (b-a, width) answer index
+                parts.append((a, b, idx, *predict(logits, cfg.temperature, generator, mask_id)))
+            span = None
+        else:  # one window for all: the union of the decoding samples' windows
+            logits, start = forward_logits(model, batch, lo, hi, max(lo, P), pattern, cache)
+            logits = logits[:, max(lo, P) - start:]  # predictions for [max(lo, P), hi)
+            idx = (torch.arange(hi - max(lo, P), device=dev) + max(lo, P) - P).expand(B, -1)
+            parts.append((0, B, idx, *predict(logits, cfg.temperature, generator, mask_id)))
+            span = (start, hi)
+        # into answer coordinates, (B, G); columns no window covers keep confidence 0 (never in flight)
+        tok_full = batch.answer().clone()
+        conf_full = torch.zeros(B, G + 1, dtype=torch.float64, device=dev)
+        tok_full = torch.cat([tok_full, tok_full[:, :1]], 1)
+        for a, b, idx, tokens, conf in parts:
+            col = torch.where((idx >= 0) & (idx < G), idx, G)  # out-of-answer predictions: a spare column
+            tok_full[a:b].scatter_(1, col, tokens)
+            conf_full[a:b].scatter_(1, col, conf)
+        tok_full, conf_full = tok_full[:, :G], conf_full[:, :G]
         # Everything finished before this forward has now been written with its final tokens.
         n_fin = finished.long().cumprod(-1).sum(-1)  # (B,) leading finished blocks
         rows.exact_end = torch.where(active, P + n_fin * Bs, rows.exact_end)
         cached = torch.arange(NB, device=dev)[None] < n_fin[:, None]
 
         # ---- 2. commit in every in-flight block -----------------------------------------
-        # Blocks before `first` are finished for every decoding sample: nothing to commit there.
-        first = (max(lo, P) - P) // Bs
-        nb = (hi - P) // Bs - first  # blocks with predictions
-        a_lo = P + first * Bs
-        tokens, conf = predict(logits[:, a_lo - start:hi - start], cfg.temperature, generator, mask_id)
-        ans = batch.x[:, a_lo:hi]  # (B, nb*Bs)
-        blk = slice(first, first + nb)
-        in_flight = added[:, blk] & ~finished[:, blk] & active[:, None]  # (B, nb)
-        masked = (ans == mask_id).view(B, nb, Bs) & in_flight[..., None]
-        sel = commit_threshold(conf.reshape(B * nb, Bs), masked.view(B * nb, Bs), cfg.tau_conf,
-                               at_least_one=full_act[:, blk].reshape(-1), strict=True).view(B, nb * Bs)
-        batch.x[:, a_lo:hi] = torch.where(sel, tokens, ans)
+        ans = batch.answer()  # (B, G)
+        in_flight = added & ~finished & active[:, None]  # (B, NB)
+        masked = (ans == mask_id).reshape(B, NB, Bs) & in_flight[..., None]
+        sel = commit_threshold(conf_full.reshape(B * NB, Bs), masked.reshape(B * NB, Bs), cfg.tau_conf,
+                               at_least_one=full_act.reshape(-1), strict=True).view(B, G)
+        batch.x[:, P:] = torch.where(sel, tok_full, ans)
 
         # ---- 3. update block states ----------------------------------------------------
         left = (batch.answer() == mask_id).view(B, NB, Bs).sum(-1)  # (B, NB) masks left
@@ -173,12 +214,11 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         full_act = full_act | (new & ready)
         rows.added, rows.full_act, rows.finished = added, full_act, finished
 
-        committed = torch.zeros(B, batch.gen_len, dtype=torch.bool, device=dev)
-        committed[:, a_lo - P:hi - P] = sel
+        committed = sel
         info = None
         if log.wants_info:
             info = [{"blocks": s} for s in block_states(added, full_act, finished, cached)]
-        log(batch.answer(), active, committed, info, (start, hi), rows.ids)
+        log(batch.answer(), active, committed, info, span, rows.ids)
         # Answer slots past a sample's budget are not part of its answer: read them as committed.
         beyond = torch.arange(batch.gen_len, device=dev)[None] >= rows.budget[:, None] * Bs
         done = answer_done(batch.answer().masked_fill(beyond, -1), mask_id, eos_id)

@@ -78,7 +78,7 @@ def lane_key(cfg: DecodeConfig) -> tuple:
 
 class Engine:
     def __init__(self, model, tokenizer, defaults: DecodeConfig, *, max_batch: int = 16, max_queue: int = 256,
-                 max_tokens_in_flight: int | None = None, sdpa_kernels=None):
+                 max_tokens_in_flight: int | None = None, sdpa_kernels=None, windows: str = "rows"):
         from infer.api import special_ids
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
         self.mask_id, self.eos_id, self.pad_id = special_ids(model, tokenizer)
@@ -86,6 +86,11 @@ class Engine:
         # prompt + budget tokens of all running requests of a lane (None: only max_batch limits a lane)
         self.max_tokens_in_flight = max_tokens_in_flight
         self.sdpa_kernels = sdpa_kernels
+        if windows not in ("rows", "union"):
+            raise ValueError(f"windows must be 'rows' or 'union', got {windows!r}")
+        # D2F: each request forwards its own window ("rows"), or the batch one window spanning all ("union";
+        # slower when requests are at different stages, as they are here: kept as the ablation)
+        self.windows = windows
         self.device = next(model.parameters()).device
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.lanes: dict[tuple, Lane] = {}
@@ -145,7 +150,9 @@ class Engine:
 
     def make_lane(self, cfg: DecodeConfig) -> "Lane":
         if cfg.mode == "d2f":
-            return StepLane(self, cfg, d2f.steps, self.mask_id, use_cache=cfg.cache != "none")
+            cached = cfg.cache != "none"
+            return StepLane(self, cfg, d2f.steps, self.mask_id, use_cache=cached,
+                            windows=self.windows if cached else "union")
         if cfg.mode == "ar" and not ar.is_hf_model(self.model):
             return StepLane(self, cfg, ar.steps, self.pad_id, eos_id=self.eos_id)
         if cfg.mode in ("vanilla", "fast-dllm"):

@@ -370,7 +370,8 @@ def build(args: argparse.Namespace):
     if tok is None:
         raise UserError(f"no tokenizer found for model {args.model!r}; pass --tokenizer")
     engine = Engine(model, tok, cfg, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_tokens_in_flight=args.max_tokens_in_flight, sdpa_kernels=DECODE_SDPA_KERNELS).start()
+                    max_tokens_in_flight=args.max_tokens_in_flight, sdpa_kernels=DECODE_SDPA_KERNELS,
+                    windows=args.windows).start()
     name = args.served_model_name or args.model or f"d2f-testbed-{cfg.mode}"
     return create_app(Server(engine, name, chat_template=not args.no_chat_template))
 
@@ -388,6 +389,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes (not with mode d2f: requests join its "
                                                               "batch)")
     p.add_argument("--no-chat-template", action="store_true", help="chat messages joined as plain text")
+    p.add_argument("--windows", choices=("rows", "union"), default="rows",
+                   help="D2F: each request forwards its own window (rows), or the batch one window spanning all "
+                        "(union: slower when requests are at different stages; the ablation)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's; a tiny "
                                                                       "model is often fastest with 1)")
     p.add_argument("--host", default="127.0.0.1")

@@ -23,6 +23,23 @@ def test_cache_equals_recompute(name, taus):
         assert [s["blocks"] for s in g.trace] == [s["blocks"] for s in r.trace]
 
 
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream", "tiny-llada-gqa"])
+@pytest.mark.parametrize("taus", [(0.7, 0.95, 0.9), (0.1, 0.5, 0.3), (0.5, 0.9, 1.0)])
+def test_per_sample_windows_equal_union_window(name, taus):
+    """windows="rows" (each sample forwards its own window, infer.batch.forward_rows) commits what the
+    union window commits, step by step, in a batch whose samples progress at different speeds."""
+    tau_add, tau_act, tau_conf = taus
+    model = random_model(name, seed=7)
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=24, block_size=4, tau_add=tau_add, tau_act=tau_act, tau_conf=tau_conf)
+    prompts = PROMPTS + [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    ref = generate(model, None, prompts, cfg, trace=True)
+    got = generate(model, None, prompts, cfg, trace=True, windows="rows")
+    for r, g in zip(ref, got):
+        assert g.token_ids == r.token_ids and g.nfe == r.nfe
+        assert [s["committed"] for s in g.trace] == [s["committed"] for s in r.trace]
+        assert [s["blocks"] for s in g.trace] == [s["blocks"] for s in r.trace]
+
+
 def test_parallel_pipeline_actually_overlaps_blocks():
     """With low thresholds several blocks are in flight and a forward commits many tokens."""
     model = random_model("tiny-llada", seed=7)

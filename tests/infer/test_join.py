@@ -19,7 +19,7 @@ def alone(model, prompt, gen_len, cfg):
     return r.token_ids, r.nfe
 
 
-def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True):
+def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True, windows="union"):
     """schedule: {step: [(prompt, gen_len), ...]} samples joining before that forward (step 0: the
     start). cancel: {step: [sample index]}. Returns {index: answer tokens (cut at EOS)}, NFE list."""
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
@@ -28,7 +28,7 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True):
     G0 = max(g for _, g in first)
     batch = make_batch([p for p, _ in first], G0, fill, fill)
     log = StepLog(len(first))
-    extra = {"d2f": {"use_cache": use_cache}, "ar": {"eos_id": eos_id, "use_cache": use_cache}}.get(cfg.mode, {})
+    extra = {"d2f": {"use_cache": use_cache, "windows": windows}, "ar": {"eos_id": eos_id, "use_cache": use_cache}}.get(cfg.mode, {})
     module = {"d2f": d2f, "ar": ar, "fast-dllm": fast_dllm, "vanilla": vanilla}[cfg.mode]
     gen = module.steps(model, batch, cfg, log, gen_lens=[g for _, g in first], **extra)
     budgets = {i: g for i, (_, g) in enumerate(first)}
@@ -58,15 +58,15 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True):
 
 
 @pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_joining_samples_decode_as_alone(name, use_cache):
+@pytest.mark.parametrize("use_cache,windows", [(True, "union"), (False, "union"), (True, "rows")])
+def test_joining_samples_decode_as_alone(name, use_cache, windows):
     model = random_model(name, seed=7)
     cfg = DecodeConfig(mode="d2f", max_new_tokens=24, block_size=4, tau_add=0.1, tau_act=0.5, tau_conf=0.3)
     # joins with a longer prompt (the buffer moves right), a longer budget (it grows), a shorter
     # budget than the buffer's, and one joining after the first samples may have finished
     schedule = {0: [(PROMPTS[0], 12), (PROMPTS[1], 8)], 2: [(PROMPTS[2], 24)], 3: [(PROMPTS[3], 8)],
                 5: [(PROMPTS[1], 16), (PROMPTS[0], 4)]}
-    got, nfe = run_with_joins(model, cfg, schedule, use_cache=use_cache)
+    got, nfe = run_with_joins(model, cfg, schedule, use_cache=use_cache, windows=windows)
     samples = [s for step in sorted(schedule) for s in schedule[step]]
     assert sorted(got) == list(range(len(samples)))
     multi = 0
