@@ -259,3 +259,41 @@ def test_hf_ar_model_batches_per_wave(student):
     for p, final in zip(prompts, finals):
         [ref] = generate(model, tok, [p], cfg)
         assert final["type"] == "done" and final["token_ids"] == ref.token_ids and final["nfe"] == ref.nfe
+
+
+@pytest.mark.parametrize("limits,most", [({"max_batch": 2}, 2), ({"max_tokens_in_flight": 300}, 3)])
+def test_batch_limits_hold(student, monkeypatch, limits, most):
+    """No more than max_batch requests, or max_tokens_in_flight prompt + budget tokens, decode at once
+    (a single request over the token limit still runs alone); the others wait and still finish right."""
+    from infer import engine as eng
+    model, tok = student
+    seen = []
+    step = eng.StepLane.step
+
+    def spy(self):
+        step(self)
+        seen.append((len(self.members), sum(len(r.prompt_ids) + r.cfg.max_new_tokens for r in self.members.values())))
+    monkeypatch.setattr(eng.StepLane, "step", spy)
+    engine = Engine(model, tok, CFG, **limits).start()
+    texts = [format_prompt(tok, q) for q in QUESTIONS]
+    done = threading.Semaphore(0)
+    finals = {}
+
+    def emit(i):
+        def f(ev):
+            if ev["type"] in ("done", "error"):
+                finals[i] = ev
+                done.release()
+        return f
+    try:
+        for i, t in enumerate(texts):
+            engine.submit(Request(encode_prompts(tok, [t])[0], CFG, 64, emit(i)))
+        for _ in texts:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.close()
+    assert max(n for n, _ in seen) == most
+    if "max_tokens_in_flight" in limits:
+        assert all(tokens <= 300 or n == 1 for n, tokens in seen)
+    for i, t in enumerate(texts):
+        assert finals[i]["type"] == "done" and finals[i]["text"] == offline(model, tok, t).text
