@@ -14,3 +14,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def student():
+    """The testbed D2F student and its tokenizer (`infer.api.load(None, "d2f")`), once per module."""
+    from infer.api import load
+    return load(None, "d2f")

@@ -18,17 +18,12 @@ if missing():
     pytest.skip(missing(), allow_module_level=True)
 
 from helpers import Running  # noqa: E402
-from infer.api import DecodeConfig, format_prompt, generate, load  # noqa: E402
+from infer.api import DecodeConfig, format_prompt, generate  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 CFG = DecodeConfig(mode="d2f", max_new_tokens=64, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.9)
 SETTLED = "['done', 'error', 'stopped'].includes(document.getElementById('status').dataset.state)"
-
-
-@pytest.fixture(scope="module")
-def student():
-    return load(None, "d2f")
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,30 @@ CFG = DecodeConfig(mode="d2f", max_new_tokens=64, block_size=16, tau_add=0.7, ta
 
 
 @pytest.fixture(scope="module")
-def student():
-    return load(None, "d2f")
-
-
-@pytest.fixture(scope="module")
 def server(student):
     model, tok = student
     with Running(Engine(model, tok, CFG, max_batch=8).start()) as s:
         yield s
+
+
+def run_all(engine, prompts: list[list[int]], cfg, max_tokens: int, timeout: float = 120) -> list[dict]:
+    """Submit every prompt at once to a started engine, wait for each one's final event, close the engine."""
+    finals, done = [None] * len(prompts), threading.Semaphore(0)
+
+    def emit(i):
+        def f(ev):
+            if ev["type"] in ("done", "error"):
+                finals[i] = ev
+                done.release()
+        return f
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, cfg, max_tokens, emit(i)))
+        for _ in prompts:
+            assert done.acquire(timeout=timeout)
+    finally:
+        engine.close()
+    return finals
 
 
 def offline(model, tok, text, cfg=CFG, max_tokens=None):
@@ -237,25 +252,9 @@ def test_hf_ar_model_batches_per_wave(student):
     _, tok = student
     model = hf_model("qwen2")
     cfg = DecodeConfig(mode="ar", max_new_tokens=8)
-    engine = Engine(model, tok, cfg).start()
+    assert type(Engine(model, tok, cfg).make_lane(cfg)).__name__ == "WaveLane"
     prompts = [[5, 9, 17, 3, 44, 8], [21, 22], [70, 71, 72, 73]]
-    finals = [None] * len(prompts)
-    done = threading.Semaphore(0)
-
-    def emit(i):
-        def f(ev):
-            if ev["type"] in ("done", "error"):
-                finals[i] = ev
-                done.release()
-        return f
-    try:
-        for i, p in enumerate(prompts):
-            engine.submit(Request(p, cfg, 8, emit(i)))
-        for _ in prompts:
-            assert done.acquire(timeout=60)
-        assert type(engine.make_lane(cfg)).__name__ == "WaveLane"
-    finally:
-        engine.close()
+    finals = run_all(Engine(model, tok, cfg).start(), prompts, cfg, 8, timeout=60)
     for p, final in zip(prompts, finals):
         [ref] = generate(model, tok, [p], cfg)
         assert final["type"] == "done" and final["token_ids"] == ref.token_ids and final["nfe"] == ref.nfe
@@ -274,24 +273,8 @@ def test_batch_limits_hold(student, monkeypatch, limits, most):
         step(self)
         seen.append((len(self.members), sum(len(r.prompt_ids) + r.cfg.max_new_tokens for r in self.members.values())))
     monkeypatch.setattr(eng.StepLane, "step", spy)
-    engine = Engine(model, tok, CFG, **limits).start()
     texts = [format_prompt(tok, q) for q in QUESTIONS]
-    done = threading.Semaphore(0)
-    finals = {}
-
-    def emit(i):
-        def f(ev):
-            if ev["type"] in ("done", "error"):
-                finals[i] = ev
-                done.release()
-        return f
-    try:
-        for i, t in enumerate(texts):
-            engine.submit(Request(encode_prompts(tok, [t])[0], CFG, 64, emit(i)))
-        for _ in texts:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.close()
+    finals = run_all(Engine(model, tok, CFG, **limits).start(), [encode_prompts(tok, [t])[0] for t in texts], CFG, 64)
     assert max(n for n, _ in seen) == most
     if "max_tokens_in_flight" in limits:
         assert all(tokens <= 300 or n == 1 for n, tokens in seen)
