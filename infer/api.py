@@ -261,61 +261,9 @@ def parse_dtype(dtype) -> torch.dtype:
     return _device.parse_dtype(dtype, DecodeConfigError)
 
 
-def _is_ours(name: str) -> bool:
-    """A preset, a local LLaDA/Dream checkpoint, or a LLaDA/Dream hub id."""
-    from d2f.models import PRESETS
-    if name in PRESETS:
-        return True
-    p = Path(name).expanduser()
-    if (p / "config.json").is_file():
-        from d2f.models.io import read_json
-        model_type = str(read_json(p / "config.json", "config").get("model_type", "")).lower()
-        return model_type in ("llada", "dream")
-    return any(k in name.lower() for k in ("llada", "dream"))
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging
-    # a tokenizer saved beside one of our checkpoints sits next to a config.json whose model_type (llada)
-    # transformers does not know; it warns about that config, which says nothing about the tokenizer
-    from d2f.models import CheckpointError
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:  # missing / broken tokenizer files, offline hub
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load the tokenizer from {str(path)!r} ({type(e).__name__}: {first}); pass "
-                              "--tokenizer with a directory holding tokenizer.json (or a hub id reachable here)") from None
-    finally:
-        logging.set_verbosity(level)
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
 def check_device(device) -> None:
     """Refuse a device this machine does not have before anything is loaded (d2f.device.check_device)."""
     _device.check_device(device, DecodeConfigError)
-
-
-def check_reference(what: str, ref: str | None) -> None:
-    """A model / tokenizer / adapter reference is a preset, an existing directory or a hub id (owner/name):
-    a path that does not exist is an error here, not a hub lookup."""
-    from d2f.models import PRESETS
-    if ref is None or (what == "model" and ref in PRESETS):
-        return
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        return
-    if p.exists():
-        raise DecodeConfigError(f"{what} {ref!r} is a file; pass the directory that holds it")
-    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
-        hint = f", a preset ({', '.join(PRESETS)})" if what == "model" else ""
-        raise DecodeConfigError(f"{what} {ref!r} does not exist: it is neither a local directory{hint} nor a hub id "
-                                "(owner/name); check the path")
 
 
 def check_hf_checkpoint(path: Path) -> None:
@@ -382,14 +330,14 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
     cuda_graphs: wrap the model in `infer.graphs.StaticForward` (each forward one CUDA-graph replay
     on a GPU; on a CPU the same static shapes run eagerly). Same tokens, fewer kernel launches."""
     from d2f import testbed
-    from d2f.models import PRESETS, load_model
+    from d2f.models import load_model, refs
 
     if mode not in MODES:
         raise DecodeConfigError(f"mode {mode!r} is not one of {MODES}")
     dt = parse_dtype(dtype)
     check_device(device)
     for what, ref in (("model", model), ("tokenizer", tokenizer), ("adapter", adapter)):
-        check_reference(what, ref)
+        refs.check(what, ref, DecodeConfigError)
     tok_path = tokenizer
     if model is None:
         role = testbed.role_for_mode(mode)
@@ -399,7 +347,7 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
         else:
             model = str(testbed.model_path(role))
         tok_path = tok_path or str(testbed.tokenizer_path())
-    if _is_ours(model):
+    if refs.is_ours(model):
         m = load_model(model, dtype=dt, device=device)
     else:
         import transformers
@@ -427,14 +375,11 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
                                     f"variants); {model!r} loaded as {type(m).__name__}")
         m = StaticForward(m)
     if tok_path is None:  # the checkpoint's own tokenizer, if it has one
-        p = Path(model).expanduser()
-        if model in PRESETS:
-            tok_path = PRESETS[model][0]  # the hub id; None for the random tiny presets
-        elif p.is_dir() and _has_tokenizer(p):
-            tok_path = str(p)
-        elif not p.exists() and model.count("/") == 1:
-            tok_path = model  # a hub id
-    tok = _load_tokenizer(tok_path) if tok_path is not None else None
+        tok_path = refs.own_tokenizer(model)
+    from d2f.models import CheckpointError
+    tok = None if tok_path is None else refs.load_tokenizer(
+        tok_path, CheckpointError, fix="pass --tokenizer with a directory holding tokenizer.json (or a hub id "
+                                       "reachable here)")
     return m, tok
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable
 from d2f.config import ConfigError, from_dict, load_config
 from d2f.errors import check_output_dir
 from d2f.errors import UserError
+from d2f.models import refs
 from d2f.testbed import role_for_mode
 from infer.decode_config import check_fields_apply
 from infer import eval as E
@@ -142,13 +143,6 @@ def row_dir(out_dir: Path, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- models
 
-def looks_available(name: str) -> bool:
-    """A local path that exists, a model preset, or something shaped like a hub id ("owner/name")."""
-    from d2f.models import PRESETS
-
-    return name in PRESETS or Path(name).expanduser().exists() or bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name))
-
-
 class OneModel:
     """Keeps the model of the current row only (an 8B teacher and its student need not share memory),
     reusing it for consecutive rows that need the same one."""
@@ -162,9 +156,9 @@ class OneModel:
         if key != self.key:
             self.release()
             for what, name in (("model", row.model), ("adapter", row.adapter)):
-                if name is not None and not looks_available(name):
-                    raise FileNotFoundError(f"the {what} {name!r} of config {row.name!r} is neither a local "
-                                            "directory nor a hub id (owner/name)")
+                msg = refs.problem(what, name)
+                if msg is not None:
+                    raise FileNotFoundError(f"config {row.name!r}: {msg}")
             kw = {"tokenizer": row.tokenizer} if row.tokenizer is not None else {}
             self.value = self.load_fn(row.model, row.decode.mode, adapter=row.adapter, device=self.device,
                                       dtype=self.dtype, **kw)

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     import openai
 
     from infer.eval import load_problems, make_prompts
-    from infer.api import _load_tokenizer
+    from d2f.models.refs import load_tokenizer
     from d2f import testbed
 
     args = parse_args(argv)
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         proc = start_server(args, int(url.rsplit(":", 1)[1]))
     try:
         health = wait_ready(url, proc)
-        tok = _load_tokenizer(args.tokenizer or str(testbed.tokenizer_path()))
+        tok = load_tokenizer(args.tokenizer or str(testbed.tokenizer_path()))
         problems = load_problems("testbed", "test", args.requests)
         prompts = make_prompts(tok, problems, shots=args.shots)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)

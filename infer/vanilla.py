@@ -31,8 +31,9 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     """The decode loop as a generator, with the protocol of `infer.d2f.steps` (one forward per iteration,
     yielding the samples finished at that step). Samples sent in `Changes.join` start at the next block
     boundary, aligned with the batch's current block (`infer.batch.join_at`); every sample has the same
-    budget G and so the same steps per block. A sample is finished when its answer has no masks left: at
-    its last block's last step, since steps <= max_new_tokens makes every step commit at least one token."""
+    budget G and so the same steps per block. A sample is finished after its last block's last step (NFE =
+    steps, as published); its answer has no masks left then, since steps <= max_new_tokens makes every step
+    commit at least one token."""
     from infer.fast_dllm import _join, _take
 
     mask_id = model.config.mask_token_id
@@ -65,7 +66,10 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             answer = answers(batch, start, G)
             info = [{"block": b} for b in ((lo - start) // cfg.block_size).tolist()] if log.wants_info else None
             log(answer, active, sel_row.gather(1, pos), info, (first, L), ids)
-            done = active & ~(answer == mask_id).any(-1)
+            # a sample is done after its last block's last step (masks can remain only if the model
+            # predicted nothing committable, e.g. every prediction the mask token)
+            last = ((lo - start) // cfg.block_size == n_blocks - 1) & (s == steps_per_block - 1)
+            done = active & (~(answer == mask_id).any(-1) | last)
             stopped = done.nonzero()[:, 0]
             out = list(zip(ids[stopped].tolist(), answer[stopped]))
             active = active & ~done

@@ -212,16 +212,8 @@ def check_data_source(d: DataSection) -> None:
 
 def check_model_source(name: str) -> None:
     """Fail fast on a teacher path that does not exist (before downloading or loading anything)."""
-    from d2f.models import PRESETS
-    if name in PRESETS:
-        return
-    p = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or p.exists() or Path(name.split("/")[0]).is_dir() \
-        or name.count("/") != 1
-    if looks_local and not (p / "config.json").is_file():
-        what = "does not exist" if not p.exists() else "has no config.json"
-        raise ConfigError(f"model.base {name!r} {what}: pass a checkpoint directory (config.json + "
-                          "*.safetensors), a hub id (owner/name) or a preset name")
+    from d2f.models import refs
+    refs.check("model", name, ConfigError, name="model.base")
 
 
 # =============================================================================================
@@ -306,29 +298,17 @@ def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
 
 
 def tokenizer_source(m: ModelSection) -> str | None:
-    """model.tokenizer, else the base when it ships a tokenizer (hub ids are assumed to)."""
-    from d2f.models import PRESETS
+    """model.tokenizer, else the base's own tokenizer (d2f.models.refs.own_tokenizer)."""
+    from d2f.models import refs
     if m.tokenizer:
-        p = Path(m.tokenizer).expanduser()
-        if (m.tokenizer.startswith((".", "/", "~")) or m.tokenizer.count("/") != 1) and not p.is_dir():
-            raise ConfigError(f"model.tokenizer {m.tokenizer!r} does not exist")
+        refs.check("tokenizer", m.tokenizer, ConfigError, name="model.tokenizer")
         return m.tokenizer
-    if m.base in PRESETS:
-        return None
-    p = Path(m.base).expanduser()
-    if p.is_dir():
-        return m.base if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else None
-    return m.base
+    return refs.own_tokenizer(m.base)
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot load the tokenizer {name!r} ({type(e).__name__}: {first}); set model.tokenizer to "
-                          "a directory holding tokenizer.json") from None
+    from d2f.models import refs
+    return refs.load_tokenizer(name, ConfigError, fix="set model.tokenizer to a directory holding tokenizer.json")
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:

@@ -61,12 +61,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer saved with `save_pretrained` (the testbed's, or any HF fast tokenizer)."""
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {str(path)!r}; build the testbed tokenizer with "
-                                "`python -m d2f.data.tokenizer --out testbed/tokenizer`")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    """Load a tokenizer saved with `save_pretrained` (the testbed's, or any HF fast tokenizer), through
+    the one loader, `d2f.models.refs.load_tokenizer`, with the hint for the testbed's."""
+    from d2f.models.refs import load_tokenizer as load
+    return load(path, fix="build the testbed tokenizer with `python -m d2f.data.tokenizer --out testbed/tokenizer`")
 
 
 def build_testbed_tokenizer(out_dir: str | Path | None = None, n_problems: int = 20000, vocab_size: int = 1024,

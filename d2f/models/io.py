@@ -43,16 +43,12 @@ def build_model(cfg: ModelConfig, dtype=torch.float32, device=None, seed: int | 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A local directory, or a hub repo id downloaded (config + safetensors only) to the HF cache."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / CONFIG_NAME).is_file():
-            raise CheckpointError(f"checkpoint directory {str(p)!r} has no {CONFIG_NAME}")
-        return p
-    if p.exists():
-        raise CheckpointError(f"checkpoint path {str(p)!r} is a file; pass the directory that holds {CONFIG_NAME}")
+    from d2f.models import refs
     s = str(name_or_path)
-    if s.count("/") != 1 or s.startswith((".", "/", "~")):
-        raise CheckpointError(f"checkpoint {s!r} is neither a local directory nor a hub repo id (owner/name)")
+    refs.check("checkpoint", s, CheckpointError)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
     try:
         from huggingface_hub import snapshot_download
         local = snapshot_download(s, allow_patterns=["*.json", "*.safetensors"])

@@ -165,7 +165,7 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
 
 
 def test_missing_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a local directory nor a hub repo id"):
+    with pytest.raises(CheckpointError, match="neither a local directory nor a hub id"):
         from_pretrained(tmp_path / "nope" / "deeper")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):

@@ -64,7 +64,8 @@ def test_too_small_vocab():
 
 
 def test_missing_tokenizer_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    from d2f.errors import UserError
+    with pytest.raises(UserError, match="has no tokenizer.json; build the testbed tokenizer"):
         load_tokenizer(tmp_path)
 
 
