@@ -268,3 +268,32 @@ def test_load_onto_cpu_with_index(tmp_path):
     """accelerate calls the CPU "cpu:0" in multi-process runs."""
     load_model("tiny-llada").save_pretrained(tmp_path)
     assert from_pretrained(tmp_path, device="cpu:0").device == torch.device("cpu")
+
+
+def test_dream_forward_equals_transformers_qwen2():
+    """Our Dream is Qwen2 without the causal mask: with the same weights (the same parameter names) and a
+    causal pattern, its logits equal transformers' Qwen2ForCausalLM (RoPE, GQA, q/k/v biases, norms),
+    which runs offline, so our forward is checked against an implementation we did not write."""
+    import transformers
+
+    from d2f.masks import causal
+    from d2f.models import build_model, preset_config
+    cfg = preset_config("tiny-dream")
+    ours = build_model(cfg, dtype=torch.float64, seed=3).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # away from the init's zeros and ones, so biases and norms matter
+            p.add_(torch.randn_like(p) * 0.2)
+    ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, attn_implementation="eager")).double().eval()
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k]
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(ids, mask=causal())
+        want = ref(input_ids=ids).logits
+        # RoPE tables are computed in float32 (docs/design.md §1), so float64 agrees to ~1e-6, not 1e-15
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(ours(ids), want, atol=1e-3)  # full attention (Dream's own) differs
