@@ -11,5 +11,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
 # DS_BUILD_OPS=0: DeepSpeed compiles its ops lazily at first use instead of at install.
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev,deepspeed,data,serve]"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev,deepspeed,data,serve,eval]"
 .venv/bin/python -c "import torch, transformers, peft, accelerate; print(f'd2f ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
