@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import causal
-from infer.batch import Batch, answers, drop_finished, join_at, new_cache, write_back
+from infer.batch import Batch, answers, cancel, drop_finished, join_at, new_cache, write_back
 from infer.sampling import predict
 from infer.steps import StepLog
 
@@ -112,8 +112,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
 def _apply(change, model, batch: Batch, start, budget, active, ids, cache, pos: int, lo: int, fill: int):
     """Cancel samples, then place the joining ones so their prompts end at `pos`."""
     dev = batch.x.device
-    if change.cancel:
-        active = active & ~torch.isin(ids, torch.tensor(change.cancel, device=dev))
+    active = cancel(change, ids, active)
     new = change.join
     if new is None or new.x.shape[0] == 0:
         return batch, start, budget, active, ids, cache, pos, lo

@@ -115,6 +115,40 @@ def join_at(batch: Batch, starts: Tensor, lengths: Tensor, new: Batch, new_lengt
     return out, starts, lengths, shift
 
 
+def cancel(change, ids: Tensor, active: Tensor) -> Tensor:
+    """`active` without the samples `change.cancel` names (StepLog indices; `ids`: each row's index)."""
+    if not change.cancel:
+        return active
+    return active & ~torch.isin(ids, torch.tensor(change.cancel, device=ids.device))
+
+
+def hold_joins(change, ids: Tensor, active: Tensor, waiting: list) -> tuple[Tensor, list]:
+    """For decoders that take joins at block boundaries (vanilla, Fast-dLLM): cancel now, keep the joins
+    of `change` (an `infer.d2f.Changes`) for the next boundary."""
+    active = cancel(change, ids, active)
+    if change.join is not None and change.join.x.shape[0]:
+        waiting = waiting + [change]
+    return active, waiting
+
+
+def join_waiting(waiting: list, batch: Batch, start: Tensor, active: Tensor, ids: Tensor, lo: int, G: int,
+                 fill_id: int) -> tuple[Batch, Tensor, Tensor, Tensor, int]:
+    """The waiting samples (`hold_joins`) join with their answers starting at the block boundary `lo`; every
+    sample has the same budget G."""
+    dev = batch.x.device
+    for change in waiting:
+        new = change.join
+        if (change.gen_lens and set(change.gen_lens) != {G}) or new.gen_len != G:
+            raise ValueError(f"this decoder decodes one budget per batch (G = {G}); a joining batch has another")
+        n = new.x.shape[0]
+        lengths = torch.full((len(start),), G, dtype=torch.long, device=dev)
+        batch, start, _, shift = join_at(batch, start, lengths, new, [G] * n, lo, fill_id, hide_beyond=True)
+        lo += shift
+        active = torch.cat([active, torch.ones(n, dtype=torch.bool, device=dev)])
+        ids = torch.cat([ids, torch.tensor(change.join_ids, dtype=torch.long, device=dev)])
+    return batch, start, active, ids, lo
+
+
 def answers(batch: Batch, starts: Tensor, G: int) -> Tensor:
     """(B, G): each sample's answer slots [start, start + G) (clamped to the buffer)."""
     idx = (starts[:, None] + torch.arange(G, device=starts.device)).clamp_max(batch.x.shape[1] - 1)

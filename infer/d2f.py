@@ -26,9 +26,11 @@ under block-causal attention), so neither changes its result.
 
 Serving: `steps` is the loop as a generator, one forward per iteration, and samples can join it
 between forwards (`send(Changes(...))`, used by `infer.serve`). A joining sample's first forward
-starts at its buffer index 0, like a sample's first forward in `decode`, so the union window starts
-at 0 for that step: the others' finished blocks are forwarded once more with their final tokens,
-which writes the same keys/values. Each sample may have its own answer budget (`gen_lens`).
+starts at its buffer index 0, like a sample's first forward in `decode`. With the union window
+(`windows="union"`) the window then starts at 0 for everybody: the others' finished blocks are
+forwarded once more with their final tokens, which writes the same keys/values. With per-sample windows
+(`windows="rows"`, the server's) the joining samples forward apart. Each sample may have its own answer
+budget (`gen_lens`).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import block_causal
-from infer.batch import Batch, answer_done, forward_logits, forward_rows, new_cache
+from infer.batch import Batch, answer_done, cancel, forward_logits, forward_rows, new_cache
 from infer.sampling import commit_threshold, predict
 from infer.steps import StepLog
 
@@ -244,9 +246,7 @@ def _keep(batch: Batch, rows: Rows, cache, keep: Tensor) -> tuple[Batch, Rows]:
 
 def _apply(change: Changes, model, batch: Batch, rows: Rows, cache, Bs: int) -> tuple[Batch, Rows, object]:
     """Cancel samples, then add the joining ones in a layout wide enough for everybody."""
-    if change.cancel:
-        gone = torch.isin(rows.ids, torch.tensor(change.cancel, device=rows.ids.device))
-        rows.active = rows.active & ~gone
+    rows.active = cancel(change, rows.ids, rows.active)
     new = change.join
     if new is None or new.x.shape[0] == 0:
         return batch, rows, cache

@@ -41,6 +41,7 @@ from infer import ar, d2f, fast_dllm, vanilla
 from infer.batch import final_tokens, make_batch
 from infer.decode_config import DecodeConfig
 from infer.prompts import cut_at_stop
+from infer.stream import committed_text
 from infer.steps import DecodeStalled, StepLog
 
 
@@ -60,7 +61,7 @@ class Request:
     cancelled: bool = False
     done: bool = False
     nfe: int = 0
-    known: list[bool] | None = None  # answer positions committed so far
+    known: torch.Tensor | None = None  # (G,) bool: answer positions committed so far
     sent: str = ""  # text emitted so far
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None  # when the first text went out
@@ -171,36 +172,35 @@ class Engine:
         except Exception:
             req.cancelled = True
 
+    def send_text(self, req: Request, text: str) -> None:
+        """Stream what `text` adds to what the request was sent (it only ever grows)."""
+        if text.startswith(req.sent) and len(text) > len(req.sent):
+            if req.t_first is None:
+                req.t_first = time.perf_counter()
+            self.send(req, {"type": "delta", "text": text[len(req.sent):]})
+            req.sent = text
+
     def on_forward(self, req: Request, answer_row: torch.Tensor, committed_row: torch.Tensor | None,
                    info: dict | None) -> None:
         """One forward of `req`'s row: count it, stream the grown prefix, check stop strings."""
         req.nfe += 1
         if req.done or req.cancelled:
             return
-        row = answer_row.tolist()
         if committed_row is not None:
-            c = committed_row.tolist()
-            req.known = c if req.known is None else [a or b for a, b in zip(req.known, c)]
-        n = 0
-        while req.known is not None and n < min(len(req.known), req.max_tokens) and req.known[n]:
-            n += 1
-        toks = row[:n]
-        if self.eos_id is not None and self.eos_id in toks:
-            toks = toks[:toks.index(self.eos_id)]
-        text = self.tokenizer.decode(toks, skip_special_tokens=True).rstrip("\ufffd")
+            c = committed_row.cpu()
+            req.known = c if req.known is None else req.known | c
+        toks, text = ([], "") if req.known is None else committed_text(
+            self.tokenizer, answer_row[:req.max_tokens], req.known[:req.max_tokens], self.eos_id)
         hit = any(s and s in text for s in req.stop)
         if hit:
             text = cut_at_stop(text, req.stop)
         elif req.stop:  # hold back what could be the start of a stop string
             hold = max(len(s) for s in req.stop) - 1
             text = text[:max(len(req.sent), len(text) - hold)] if hold > 0 else text
-        if text.startswith(req.sent) and len(text) > len(req.sent):
-            if req.t_first is None:
-                req.t_first = time.perf_counter()
-            self.send(req, {"type": "delta", "text": text[len(req.sent):]})
-            req.sent = text
+        self.send_text(req, text)
         if req.view:
-            pieces = [None if t == self.mask_id else self.tokenizer.decode([t]) for t in row[:req.cfg.max_new_tokens]]
+            pieces = [None if t == self.mask_id else self.tokenizer.decode([t])
+                      for t in answer_row[:req.cfg.max_new_tokens].tolist()]
             self.send(req, {"type": "view", "step": req.nfe, "pieces": pieces, "blocks": (info or {}).get("blocks"),
                       "block_size": req.cfg.block_size, "elapsed": time.perf_counter() - req.t0})
         if hit:
@@ -218,11 +218,7 @@ class Engine:
                 text, reason = cut_at_stop(text, req.stop), "stop"
         if reason is None:
             reason = "stop" if self.eos_id is not None and self.eos_id in toks else "length"
-        if text.startswith(req.sent) and len(text) > len(req.sent):
-            if req.t_first is None:
-                req.t_first = time.perf_counter()
-            self.send(req, {"type": "delta", "text": text[len(req.sent):]})
-            req.sent = text
+        self.send_text(req, text)
         wall = time.perf_counter() - req.t0
         self.stats["requests"] += 1
         self.stats["tokens"] += len(toks)
@@ -263,6 +259,19 @@ class Lane:
 
     def fail(self, message: str, status: int) -> None:
         raise NotImplementedError
+
+    def forwarded(self, event: dict, request_of: Callable[[int], Request | None]) -> list[Request]:
+        """Hand one forward's `on_step` event to each request that was decoding in it (`request_of`: its
+        StepLog index -> request); returns those requests."""
+        info, out = event.get("info"), []
+        for j, (i, act) in enumerate(zip(event["sample_ids"], event["active"].tolist())):
+            req = request_of(i)
+            if req is None or not act:
+                continue
+            self.engine.on_forward(req, event["answer"][j], None if event["committed"] is None else event["committed"][j],
+                                   info[j] if isinstance(info, list) else info)
+            out.append(req)
+        return out
 
     def take(self, running: int, in_flight: int) -> list[Request]:
         """Pending requests that fit beside `running` requests holding `in_flight` tokens."""
@@ -347,15 +356,9 @@ class StepLane(Lane):
 
     def _on_step(self, event: dict) -> None:
         e = self.engine
-        info = event.get("info")
-        for j, (i, act) in enumerate(zip(event["sample_ids"], event["active"].tolist())):
-            req = self.members.get(i)
-            if req is None or not act:
-                continue
-            e.on_forward(req, event["answer"][j], None if event["committed"] is None else event["committed"][j],
-                         info[j] if isinstance(info, list) else info)
+        for req in self.forwarded(event, self.members.get):
             if req.nfe > forward_cap(req.cfg) and not req.done:
-                e.fail(req, str(DecodeStalled(f"decoding made no progress in {req.nfe} forwards")), 500)
+                e.fail(req, f"decoding made no progress in {req.nfe} forwards", 500)
 
     def fail(self, message: str, status: int) -> None:
         for req in list(self.members.values()) + self.pending:
@@ -392,12 +395,7 @@ class WaveLane(Lane):
 
     def _on_step(self, event: dict) -> None:
         self.engine.stats["forwards"] += 1
-        info = event.get("info")
-        for j, (i, act) in enumerate(zip(event["sample_ids"], event["active"].tolist())):
-            if act:
-                self.engine.on_forward(self.wave[i], event["answer"][j],
-                                       None if event["committed"] is None else event["committed"][j],
-                                       info[j] if isinstance(info, list) else info)
+        self.forwarded(event, lambda i: self.wave[i])
 
     def fail(self, message: str, status: int) -> None:
         for req in self.wave + self.pending:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from torch import Tensor
-
-from infer.batch import Batch, answer_done, answers, forward_logits, join_at, new_cache
+from infer.batch import Batch, answer_done, answers, forward_logits, hold_joins, join_waiting, new_cache
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog
 
@@ -109,7 +107,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             i += 1
             change = yield out
             if change is not None:
-                active, waiting = _take(change, ids, active, waiting)
+                active, waiting = hold_joins(change, ids, active, waiting)
         # ---- block boundary: leave, join -----------------------------------------------
         lo = hi
         if compact and not active.all() and (active.any() or waiting):
@@ -118,36 +116,10 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
                 cache.select(keep)
             batch, start, active, ids = batch.select(keep), start[keep], active[keep], ids[keep]
         if waiting:
-            batch, start, active, ids, lo = _join(waiting, batch, start, active, ids, lo, G, mask_id)
+            batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
             waiting = []
             if cache is not None:  # the next forward is a full one: it rewrites every row
                 cache = new_cache(model, batch.x.shape[0], batch.x.shape[1])
         pattern = batch.full_pattern()
         if not active.any():
             return
-
-
-def _take(change, ids: Tensor, active: Tensor, waiting: list) -> tuple[Tensor, list]:
-    """Cancel now; keep joins for the next block boundary."""
-    if change.cancel:
-        active = active & ~torch.isin(ids, torch.tensor(change.cancel, device=ids.device))
-    if change.join is not None and change.join.x.shape[0]:
-        waiting = waiting + [change]
-    return active, waiting
-
-
-def _join(waiting: list, batch: Batch, start: Tensor, active: Tensor, ids: Tensor, lo: int, G: int,
-          fill_id: int) -> tuple[Batch, Tensor, Tensor, Tensor, int]:
-    """The waiting samples join with their answers starting at the block boundary `lo`."""
-    dev = batch.x.device
-    for change in waiting:
-        new = change.join
-        if (change.gen_lens and set(change.gen_lens) != {G}) or new.gen_len != G:
-            raise ValueError(f"fast-dllm decodes one budget per batch (G = {G}); a joining batch has another")
-        n = new.x.shape[0]
-        lengths = torch.full((len(start),), G, dtype=torch.long, device=dev)
-        batch, start, _, shift = join_at(batch, start, lengths, new, [G] * n, lo, fill_id, hide_beyond=True)
-        lo += shift
-        active = torch.cat([active, torch.ones(n, dtype=torch.bool, device=dev)])
-        ids = torch.cat([ids, torch.tensor(change.join_ids, dtype=torch.long, device=dev)])
-    return batch, start, active, ids, lo

@@ -13,6 +13,18 @@ from typing import TextIO
 import torch
 
 
+def committed_text(tokenizer, answer: torch.Tensor, known: torch.Tensor, eos_id: int | None) -> tuple[list[int], str]:
+    """An answer's committed prefix, as (token ids, text): answer (G,) ids, known (G,) bool = committed so
+    far; the leading run of committed positions, up to (not including) its first EOS (`PrefixStreamer`,
+    `infer.engine`)."""
+    n = int(known.long().cumprod(0).sum())  # leading decided positions
+    tokens = answer[:n].tolist()
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id)]
+    # a byte-level token may end mid-character: hold back the replacement char until complete
+    return tokens, tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+
+
 class PrefixStreamer:
     """An `on_step` hook for `infer.api.generate` with batch size 1."""
 
@@ -36,12 +48,7 @@ class PrefixStreamer:
             return
         row = committed[0].cpu()
         self.known = row.clone() if self.known is None else self.known | row
-        n = int(self.known.long().cumprod(0).sum())  # leading decided positions
-        tokens = event["answer"][0, :n].tolist()
-        if self.eos_id is not None and self.eos_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_id)]
-        # a byte-level token may end mid-character: hold back the replacement char until complete
-        self.emit(self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd"))
+        self.emit(committed_text(self.tokenizer, event["answer"][0], self.known, self.eos_id)[1])
 
     def emit(self, text: str) -> None:
         """Print what is new; if the text changed behind what was printed (a merge of pieces

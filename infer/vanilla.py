@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, answers, forward_logits
+from infer.batch import Batch, answers, forward_logits, hold_joins, join_waiting
 from infer.sampling import commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, all_true
 
@@ -34,8 +34,6 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     budget G and so the same steps per block. A sample is finished after its last block's last step (NFE =
     steps, as published); its answer has no masks left then, since steps <= max_new_tokens makes every step
     commit at least one token."""
-    from infer.fast_dllm import _join, _take
-
     mask_id = model.config.mask_token_id
     P, G = batch.prompt_len, batch.gen_len
     n_blocks = G // cfg.block_size
@@ -75,12 +73,12 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             active = active & ~done
             change = yield out
             if change is not None:
-                active, waiting = _take(change, ids, active, waiting)
+                active, waiting = hold_joins(change, ids, active, waiting)
         lo = hi
         if not active.all() and (active.any() or waiting):
             keep = active.nonzero()[:, 0]
             batch, start, active, ids = batch.select(keep), start[keep], active[keep], ids[keep]
         if waiting:
-            batch, start, active, ids, lo = _join(waiting, batch, start, active, ids, lo, G, mask_id)
+            batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
             waiting = []
         pattern = batch.full_pattern()
