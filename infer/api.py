@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from d2f import device as _device
-from infer import ar, d2f, fast_dllm, vanilla
+from infer import ar, d2f_decoder, fast_dllm, vanilla
 from infer.batch import final_tokens, make_batch
 from infer.decode_config import MODES, DecodeConfig, DecodeConfigError
 from infer.eval import synchronize
@@ -184,7 +184,7 @@ def max_positions(model) -> int | None:
 
 # ---- generate ----------------------------------------------------------------------------
 
-DECODERS = {"vanilla": vanilla.decode, "fast-dllm": fast_dllm.decode, "d2f": d2f.decode, "ar": ar.decode}
+DECODERS = {"vanilla": vanilla.decode, "fast-dllm": fast_dllm.decode, "d2f": d2f_decoder.decode, "ar": ar.decode}
 
 # Every SDPA kernel but cuDNN's. cuDNN attention builds an execution plan for each new pair of query
 # and key lengths, and decoding changes them at almost every step: on an H200 at LLaDA-8B shape an

@@ -55,7 +55,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
           use_cache: bool = True, eos_id: int | None = None, compact: bool = True,
           gen_lens: list[int] | None = None):
     """Our causal models' decode loop as a generator, one forward (one token per sample) per iteration;
-    the protocol of `infer.d2f.steps`: it yields the samples that stopped at that step as (StepLog
+    the protocol of `infer.d2f_decoder.steps`: it yields the samples that stopped at that step as (StepLog
     index, answer) pairs, answer = the sample's `gen_len` slots (EOS after its first EOS), and
     `send(Changes(...))` adds or cancels samples before the next forward.
 

@@ -124,7 +124,7 @@ def cancel(change, ids: Tensor, active: Tensor) -> Tensor:
 
 def hold_joins(change, ids: Tensor, active: Tensor, waiting: list) -> tuple[Tensor, list]:
     """For decoders that take joins at block boundaries (vanilla, Fast-dLLM): cancel now, keep the joins
-    of `change` (an `infer.d2f.Changes`) for the next boundary."""
+    of `change` (an `infer.steps.Changes`) for the next boundary."""
     active = cancel(change, ids, active)
     if change.join is not None and change.join.x.shape[0]:
         waiting = waiting + [change]

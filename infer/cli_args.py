@@ -5,7 +5,7 @@
     cfg = decode_config_from_args(parser.parse_args())
 
 Why generated and not written out: a field added to `DecodeConfig` becomes an option of every
-command at once, and values go through `d2f.config.from_dict`, which converts strings to the
+command at once, and values go through `d2f.yaml_config.from_dict`, which converts strings to the
 field's declared type and lets `DecodeConfig` validate them (one set of error messages).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from d2f.config import from_dict
+from d2f.yaml_config import from_dict
 
 
 def _decode_config_cls():

@@ -5,7 +5,7 @@
     python -m infer.compare --config my.yaml device=cuda dtype=bfloat16 configs.student-d2f.tau_add=0.5
     python -m infer.compare --only teacher-vanilla,student-d2f
 
-The YAML (loaded with `d2f.config.load_config` into `CompareConfig`, `key=value` overrides after it)
+The YAML (loaded with `d2f.yaml_config.load_config` into `CompareConfig`, `key=value` overrides after it)
 holds the shared settings (data, shots, limit, device, dtype, batch size) and `configs`: one entry per
 row of the table, mapping a name to the DecodeConfig fields of that row plus optional `model`,
 `adapter`, `tokenizer` (default: the testbed model for the mode, see `infer.api.load`), `enabled`, and `sweep`
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from d2f.config import ConfigError, from_dict, load_config
+from d2f.yaml_config import ConfigError, from_dict, load_config
 from d2f.errors import check_output_dir
 from d2f.errors import UserError
 from d2f.models import refs

@@ -7,7 +7,7 @@ Requests whose decode settings agree (everything but max_new_tokens and seed) sh
 running batch. The scheduler loop steps every lane once per turn (one forward each), so lanes take
 turns on the model.
 
-- Every decoder of ours batches continuously (`steps` in infer/d2f.py, ar.py, fast_dllm.py, vanilla.py):
+- Every decoder of ours batches continuously (`steps` in infer/d2f_decoder.py, ar.py, fast_dllm.py, vanilla.py):
   a request joins the running batch before the next forward (D2F, AR) or at the next block boundary
   (vanilla, Fast-dLLM: the batch works on one block at a time), and leaves as soon as its answer is
   final. D2F and AR samples keep their own budgets; vanilla and Fast-dLLM lanes hold one budget (their
@@ -37,12 +37,12 @@ from typing import Callable
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from infer import ar, d2f, fast_dllm, vanilla
+from infer import ar, d2f_decoder, fast_dllm, vanilla
 from infer.batch import final_tokens, make_batch
 from infer.decode_config import DecodeConfig
 from infer.prompts import cut_at_stop
 from infer.stream import committed_text
-from infer.steps import DecodeStalled, StepLog
+from infer.steps import Changes, DecodeStalled, StepLog
 
 
 class Overloaded(Exception):
@@ -152,7 +152,7 @@ class Engine:
     def make_lane(self, cfg: DecodeConfig) -> "Lane":
         if cfg.mode == "d2f":
             cached = cfg.cache != "none"
-            return StepLane(self, cfg, d2f.steps, self.mask_id, use_cache=cached,
+            return StepLane(self, cfg, d2f_decoder.steps, self.mask_id, use_cache=cached,
                             windows=self.windows if cached else "union")
         if cfg.mode == "ar" and not ar.is_hf_model(self.model):
             return StepLane(self, cfg, ar.steps, self.pad_id, eos_id=self.eos_id)
@@ -336,7 +336,7 @@ class StepLane(Lane):
                                   gen_lens=[r.cfg.max_new_tokens for r in new], **self.kwargs)
             finished = next(self.gen)
         else:
-            change = d2f.Changes(cancel=cancel)
+            change = Changes(cancel=cancel)
             if new:
                 change.join = self._batch(new)
                 change.join_ids = self.log.grow(len(new))

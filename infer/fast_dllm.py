@@ -48,7 +48,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
 
 def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
           refresh_every_step: bool = False, compact: bool = True, gen_lens: list[int] | None = None):
-    """The decode loop as a generator, with the protocol of `infer.d2f.steps`: one forward per iteration,
+    """The decode loop as a generator, with the protocol of `infer.d2f_decoder.steps`: one forward per iteration,
     yielding the samples that stopped at that step as (StepLog index, answer (G,)) pairs; samples sent in
     `Changes.join` start at the next block boundary, aligned with the batch's current block (their
     prompts end where it starts; `infer.batch.join_at`). Every sample has the same budget G (the block

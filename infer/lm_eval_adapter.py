@@ -34,7 +34,7 @@ try:  # lm-eval is optional: without it the class still works on request objects
 except ImportError:  # pragma: no cover - exercised when lm-eval is not installed
     _Base, register_model = object, None
 
-from d2f.config import from_dict
+from d2f.yaml_config import from_dict
 from d2f.errors import UserError
 from infer.prompts import cut_at_stop
 

@@ -80,7 +80,7 @@ class Server:
     # ---- request parsing ----------------------------------------------------------------------
     def config(self, body: dict, n_prompt: int) -> tuple:
         """(DecodeConfig, max_tokens) for a request body: the server's defaults <- the body's values."""
-        from d2f.config import from_dict
+        from d2f.yaml_config import from_dict
         from infer.decode_config import DecodeConfig, check_fields_apply
         model = body.get("model")
         if model is not None and model != self.model_name:

@@ -7,16 +7,29 @@ the forwards its neighbours still need).
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from d2f.errors import UserError
 
+if TYPE_CHECKING:
+    from infer.batch import Batch
+
 
 class DecodeStalled(UserError, RuntimeError):
     """Decoding went on past the forwards its budget can need: the model commits nothing usable."""
+
+
+@dataclass
+class Changes:
+    """What a caller of a decoder's `steps` generator sends between two forwards (joins and cancels)."""
+    join: Batch | None = None  # new samples, laid out by `make_batch` (answer slots hold the mask id)
+    join_ids: list[int] = field(default_factory=list)  # their indices in the StepLog (`StepLog.grow`)
+    gen_lens: list[int] | None = None  # their answer budgets in tokens (default: join.gen_len each)
+    cancel: list[int] = field(default_factory=list)  # StepLog indices of samples to stop (client gone)
 
 
 class StepLog:

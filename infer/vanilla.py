@@ -28,7 +28,7 @@ def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | 
 
 def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
           reference: torch.Tensor | None = None, gen_lens: list[int] | None = None):
-    """The decode loop as a generator, with the protocol of `infer.d2f.steps` (one forward per iteration,
+    """The decode loop as a generator, with the protocol of `infer.d2f_decoder.steps` (one forward per iteration,
     yielding the samples finished at that step). Samples sent in `Changes.join` start at the next block
     boundary, aligned with the batch's current block (`infer.batch.join_at`); every sample has the same
     budget G and so the same steps per block. A sample is finished after its last block's last step (NFE =

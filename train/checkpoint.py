@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from d2f.config import save_config
+from d2f.yaml_config import save_config
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
@@ -87,7 +87,7 @@ def resume_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint a run continues from: resume="auto" (the newest complete one under output_dir, or
     None for a fresh start), "none" (a fresh start, refused if output_dir already holds checkpoints, so
     nothing is overwritten by accident), or the path of a checkpoint directory."""
-    from d2f.config import ConfigError
+    from d2f.yaml_config import ConfigError
     if resume == "none":
         if latest_checkpoint(output_dir) is not None:
             raise ConfigError(f"output_dir {str(output_dir)!r} already holds checkpoints and resume=none: pass "
@@ -207,7 +207,7 @@ def resume_changes(ckpt_dir: str | Path, config, fixed: tuple[str, ...]) -> dict
     (model, data, objective, ...) is an error: the result would be neither run. Every other change is
     returned, {dotted key: (saved, now)}, for the recipe to apply (`apply_optimizer_settings`) and log."""
     import yaml
-    from d2f.config import ConfigError, to_dict
+    from d2f.yaml_config import ConfigError, to_dict
     saved_file = Path(ckpt_dir) / "config.yaml"
     if not saved_file.is_file():
         return {}

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from d2f.config import ConfigError  # noqa: E402
+from d2f.yaml_config import ConfigError  # noqa: E402
 from d2f.errors import positive_int  # noqa: E402
 
 

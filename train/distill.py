@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # `python train/distill.py` / `accelerate launch 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from d2f import masks  # noqa: E402
-from d2f.config import ConfigError, load_config, save_config  # noqa: E402
+from d2f.yaml_config import ConfigError, load_config, save_config  # noqa: E402
 from d2f.errors import check_output_dir, check_output_location  # noqa: E402
 from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
 from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from d2f.config import ConfigError, load_config, save_config  # noqa: E402
+from d2f.yaml_config import ConfigError, load_config, save_config  # noqa: E402
 from d2f.errors import check_output_dir  # noqa: E402
 from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
 from train.accelerator import make_accelerator  # noqa: E402

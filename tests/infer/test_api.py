@@ -55,7 +55,7 @@ def test_non_finite_and_mistyped_values_are_refused(kw):
 def test_a_model_that_never_commits_stops_with_an_error(mode, monkeypatch):
     """Every decode loop is capped: a model whose predictions commit nothing (here every prediction is the
     mask token, what inf temperature used to produce) ends with DecodeStalled, not a hang."""
-    import infer.d2f
+    import infer.d2f_decoder
     import infer.fast_dllm
     import infer.sampling
     import infer.vanilla
@@ -67,7 +67,7 @@ def test_a_model_that_never_commits_stops_with_an_error(mode, monkeypatch):
         calls.append(1)
         tokens = torch.full(logits.shape[:-1], model.config.mask_token_id, dtype=torch.long)
         return tokens, torch.ones(logits.shape[:-1], dtype=torch.float64)
-    for mod in (infer.d2f, infer.fast_dllm, infer.vanilla, infer.sampling):
+    for mod in (infer.d2f_decoder, infer.fast_dllm, infer.vanilla, infer.sampling):
         if hasattr(mod, "predict"):
             monkeypatch.setattr(mod, "predict", mask_everywhere)
     cfg = DecodeConfig(mode=mode, max_new_tokens=16, block_size=8)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from d2f import testbed
-from d2f.config import ConfigError
+from d2f.yaml_config import ConfigError
 from d2f.models import build_model, preset_config, save_pretrained
 from infer import compare as C
 from infer import eval as E

@@ -1,4 +1,4 @@
-"""Samples joining a running decode (`infer.d2f.steps` / `infer.ar.steps` + `Changes`, what `infer.serve`
+"""Samples joining a running decode (`infer.d2f_decoder.steps` / `infer.ar.steps` + `Changes`, what `infer.serve`
 does): each sample's answer and NFE equal its decode alone, whatever joins, leaves or widens the buffer."""
 import dataclasses
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import random_model
-from infer import ar, d2f, fast_dllm, vanilla
+from infer import ar, d2f_decoder, fast_dllm, vanilla
 from infer.api import DecodeConfig, generate
 from infer.batch import make_batch
-from infer.steps import StepLog
+from infer.steps import Changes, StepLog
 
 PROMPTS = [[5, 9, 17, 3, 44, 8, 2], [21, 22, 23], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [30, 31, 32, 33]]
 
@@ -29,7 +29,7 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True, windows="u
     batch = make_batch([p for p, _ in first], G0, fill, fill)
     log = StepLog(len(first))
     extra = {"d2f": {"use_cache": use_cache, "windows": windows}, "ar": {"eos_id": eos_id, "use_cache": use_cache}}.get(cfg.mode, {})
-    module = {"d2f": d2f, "ar": ar, "fast-dllm": fast_dllm, "vanilla": vanilla}[cfg.mode]
+    module = {"d2f": d2f_decoder, "ar": ar, "fast-dllm": fast_dllm, "vanilla": vanilla}[cfg.mode]
     gen = module.steps(model, batch, cfg, log, gen_lens=[g for _, g in first], **extra)
     budgets = {i: g for i, (_, g) in enumerate(first)}
     answers, step = {}, 0
@@ -39,7 +39,7 @@ def run_with_joins(model, cfg, schedule, cancel=None, use_cache=True, windows="u
             for i, ans in finished:
                 answers[i] = ans[:budgets[i]].tolist()
             step += 1
-            change = d2f.Changes(cancel=(cancel or {}).get(step, []))
+            change = Changes(cancel=(cancel or {}).get(step, []))
             if step in schedule:
                 new = schedule[step]
                 ids = log.grow(len(new))

@@ -93,7 +93,7 @@ def test_testbed_decoding_unchanged_by_float32_confidence(monkeypatch):
     """Every mode on the shipped testbed models, batch 1 and 4: the same tokens and NFE as with the
     float64 softmax."""
     import infer.ar
-    import infer.d2f
+    import infer.d2f_decoder
     import infer.fast_dllm
     import infer.vanilla
     from d2f.data.gsm8k import load_gsm8k
@@ -109,7 +109,7 @@ def test_testbed_decoding_unchanged_by_float32_confidence(monkeypatch):
         for bs in (1, 4):
             new = [(r.token_ids, r.nfe) for r in generate(model, tok, prompts, cfg, batch_size=bs)]
             with monkeypatch.context() as m:
-                for mod in (infer.ar, infer.d2f, infer.fast_dllm, infer.vanilla):
+                for mod in (infer.ar, infer.d2f_decoder, infer.fast_dllm, infer.vanilla):
                     m.setattr(mod, "predict", float64_predict)
                 old = [(r.token_ids, r.nfe) for r in generate(model, tok, prompts, cfg, batch_size=bs)]
             assert new == old, (name, bs)

@@ -227,7 +227,7 @@ def test_decode_order_config_errors(tok_dir, orders_file, tmp_path):
 
 
 def test_the_orders_stage_config_continues_the_teacher_recipe():
-    from d2f.config import load_config
+    from d2f.yaml_config import load_config
     from test_pretrain import REPO
     from train.pretrain import PretrainConfig
     stage = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml")
@@ -238,7 +238,7 @@ def test_the_orders_stage_config_continues_the_teacher_recipe():
 
 
 def test_the_gen256_orders_stage_continues_the_orders_stage():
-    from d2f.config import load_config
+    from d2f.yaml_config import load_config
     from test_pretrain import REPO
     from train.pretrain import PretrainConfig
     first = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml")

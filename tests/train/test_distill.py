@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from d2f.config import ConfigError
+from d2f.yaml_config import ConfigError
 from d2f.errors import UserError
 from d2f.losses import d2f_distill_loss
 from d2f.masks import block_causal
@@ -406,7 +406,7 @@ def test_ddp_and_deepspeed_two_processes_train_identically(work, tmp_path):
 @pytest.mark.parametrize("name", ["d2f_llada", "d2f_dream", "d2f_tiny"])
 def test_shipped_configs_parse_and_follow_the_public_recipe(name):
     import yaml
-    from d2f.config import load_config
+    from d2f.yaml_config import load_config
     from train.distill import DEFAULT_TARGETS, DistillConfig, validate
     cfg = load_config(DistillConfig, REPO / f"configs/{name}.yaml", ["max_steps=7", "output_dir=/tmp/x"])
     validate(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2f.config import ConfigError, load_config
+from d2f.yaml_config import ConfigError, load_config
 from d2f.data.gsm import make_problems
 from d2f.data.tokenizer import train_tokenizer
 from d2f.models import from_pretrained
@@ -251,7 +251,7 @@ def two_process_run_resumes_exactly(tok_dir, tmp_path, **kw):
     import subprocess
     import sys
     import yaml
-    from d2f.config import to_dict
+    from d2f.yaml_config import to_dict
 
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(tiny_cfg(tok_dir, tmp_path / "full", "llada_sft", max_steps=6,

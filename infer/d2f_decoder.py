@@ -34,7 +34,7 @@ budget (`gen_lens`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ from torch import Tensor
 from d2f.masks import block_causal
 from infer.batch import Batch, answer_done, cancel, forward_logits, forward_rows, new_cache
 from infer.sampling import commit_threshold, predict
-from infer.steps import StepLog
+from infer.steps import Changes, StepLog
 
 STATES = ("unadded", "semi", "active", "finished", "cached")
 
@@ -88,15 +88,6 @@ class Rows:
 
     def concat(self, other: "Rows") -> "Rows":
         return Rows(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
-
-
-@dataclass
-class Changes:
-    """What a caller of `steps` sends between two forwards."""
-    join: Batch | None = None  # new samples, laid out by `make_batch` (answer slots hold the mask id)
-    join_ids: list[int] = field(default_factory=list)  # their indices in the StepLog (`StepLog.grow`)
-    gen_lens: list[int] | None = None  # their answer budgets in tokens (default: join.gen_len each)
-    cancel: list[int] = field(default_factory=list)  # StepLog indices of samples to stop (client gone)
 
 
 def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from d2f.config import ConfigError, load_config, save_config
+from d2f.yaml_config import ConfigError, load_config, save_config
 
 
 @dataclass
