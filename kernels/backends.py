@@ -2,13 +2,16 @@
 
     set_backend(model, "triton")   # or "sdpa", "flex", "reference", "auto"
 
-A backend has the interface `d2f/models/base.py` calls:
+A backend has the interface `d2f/models/base.py` calls, with the forward's `AttnContext`:
 
-    prepared = backend.prepare(mask, q_offset, q_len, k_offset, kv_len, device)   # once per forward
-    y = backend(q, k, v, prepared)   # per layer; q (B, H, T, D), k, v (B, Hkv, S, D) -> (B, H, T, D)
+    ctx.prepared = backend.prepare(ctx)   # once per forward (in AttnContext.__post_init__)
+    y = backend(q, k, v, ctx)   # per layer; q (B, H, T, D), k, v (B, Hkv, S, D) -> (B, H, T, D)
 
-`mask` is None (full attention; base.py already turned None into `masks.causal()` for causal
-models), a `d2f.masks.Pattern`, or an explicit boolean tensor (B|1, 1|H, T, S).
+`prepare` reads ctx.mask, ctx.offset (of the first query), ctx.q_len, ctx.k_offset, ctx.kv_len and
+ctx.device, and returns the mask in the backend's own form; `__call__` reads it back as ctx.prepared.
+`ctx.mask` is None (full attention; base.py already turned None into `masks.causal()` for causal
+models), a `d2f.masks.Pattern`, or an explicit boolean tensor (B|1, 1|H, T, S). To call a backend
+alone: `AttnContext(mask, q_offset, q_len, k_offset, kv_len, device, backend).attend(q, k, v)`.
 
 - sdpa: torch SDPA with a dense boolean mask (`d2f.models.common.SDPABackend`, the default).
 - flex: torch flex attention with `d2f.masks.flex_block_mask` (compiled on CUDA, eager elsewhere).
@@ -37,8 +40,8 @@ import torch
 from torch import Tensor
 
 from d2f.masks import Pattern, flex_block_mask
-from d2f.models.base import DiffusionLM
-from d2f.models.common import SDPABackend, reference_attention
+from d2f.models.base import AttnContext, DiffusionLM
+from d2f.models.common import SDPABackend, reference_attention, sdpa
 from kernels.block_attention import (KERNEL_DTYPES, block_causal_attention, block_causal_attention_reference,
                                      kernel_available, key_start_from_valid, per_sample)
 
@@ -49,8 +52,8 @@ class _Fallback:
     mask: Tensor | None  # the SDPA mask
 
 
-def _sdpa_fallback(mask, q_offset, q_len, k_offset, kv_len, device) -> _Fallback:
-    return _Fallback(SDPABackend().prepare(mask, q_offset, q_len, k_offset, kv_len, device))
+def _sdpa_fallback(ctx: AttnContext) -> _Fallback:
+    return _Fallback(SDPABackend().prepare(ctx))
 
 
 def _kernel_cannot_take(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -69,35 +72,35 @@ class _TritonArgs:
     key_start: Tensor | None
     q_offset: int
     k_offset: int
-    spec: tuple  # (mask, q_offset, q_len, k_offset, kv_len, device) to build the fallback
     fallback: _Fallback | None = None  # the same pattern as an SDPA mask, built when first needed
 
 
 class TritonBackend:
     name = "triton"
 
-    def prepare(self, mask, q_offset: int, q_len: int, k_offset: int, kv_len: int, device):
-        spec = (mask, q_offset, q_len, k_offset, kv_len, device)
+    def prepare(self, ctx: AttnContext) -> _TritonArgs | _Fallback:
+        mask, device = ctx.mask, ctx.device
         if isinstance(mask, Tensor):  # an arbitrary dense mask: nothing for the kernel to exploit
-            return _sdpa_fallback(*spec)
+            return _sdpa_fallback(ctx)
         pattern = mask if mask is not None else Pattern("full")
         key_start = None
         if pattern.key_valid is not None:
-            key_start = key_start_from_valid(pattern.key_valid.to(device), k_offset + kv_len)
+            key_start = key_start_from_valid(pattern.key_valid.to(device), ctx.k_offset + ctx.kv_len)
             if key_start is None:  # padding that is not a left prefix: the kernel cannot express it
-                return _sdpa_fallback(*spec)
+                return _sdpa_fallback(ctx)
         prompt_len = pattern.prompt_len
         if isinstance(prompt_len, Tensor):
             prompt_len = prompt_len.to(device)
-        return _TritonArgs(pattern.kind, prompt_len, pattern.block_size, key_start, q_offset, k_offset, spec)
+        return _TritonArgs(pattern.kind, prompt_len, pattern.block_size, key_start, ctx.offset, ctx.k_offset)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        prepared = ctx.prepared
         if isinstance(prepared, _TritonArgs) and _kernel_cannot_take(q, k, v):
             if prepared.fallback is None:  # first layer of such a forward: build the mask once
-                prepared.fallback = _sdpa_fallback(*prepared.spec)
+                prepared.fallback = _sdpa_fallback(ctx)
             prepared = prepared.fallback
         if isinstance(prepared, _Fallback):
-            return SDPABackend()(q, k, v, prepared.mask)
+            return sdpa(q, k, v, prepared.mask)
         if not isinstance(prepared.prompt_len, Tensor) or prepared.key_start is None:
             # first layer: make the per-sample (B,) int32 arguments once, not in every layer
             B = q.shape[0]
@@ -130,10 +133,11 @@ def _flex_attention():
 class FlexBackend:
     name = "flex"
 
-    def prepare(self, mask, q_offset: int, q_len: int, k_offset: int, kv_len: int, device):
+    def prepare(self, ctx: AttnContext):
+        mask, device = ctx.mask, ctx.device
         # An explicit tensor mask has no mask_mod: SDPA serves it.
         if isinstance(mask, Tensor):
-            return _sdpa_fallback(mask, q_offset, q_len, k_offset, kv_len, device)
+            return _sdpa_fallback(ctx)
         pattern = mask if mask is not None else Pattern("full")
         # Tensors the mask_mod reads must live where the block mask is built and used.
         if isinstance(pattern.prompt_len, Tensor):
@@ -145,29 +149,28 @@ class FlexBackend:
             batch = pattern.key_valid.shape[0]
         elif isinstance(pattern.prompt_len, Tensor) and pattern.prompt_len.dim() == 1:
             batch = pattern.prompt_len.shape[0]
-        return flex_block_mask(pattern, q_len, kv_len, q_offset=q_offset, batch=batch, k_offset=k_offset,
-                               device=device)
+        return flex_block_mask(pattern, ctx.q_len, ctx.kv_len, q_offset=ctx.offset, batch=batch,
+                               k_offset=ctx.k_offset, device=device)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared) -> Tensor:
-        if isinstance(prepared, _Fallback):
-            return SDPABackend()(q, k, v, prepared.mask)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        if isinstance(ctx.prepared, _Fallback):
+            return sdpa(q, k, v, ctx.prepared.mask)
         compiled, eager = _flex_attention()
         fn = compiled if q.is_cuda else eager
-        return fn(q, k, v, block_mask=prepared, enable_gqa=q.shape[1] != k.shape[1])
+        return fn(q, k, v, block_mask=ctx.prepared, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # ---- reference -------------------------------------------------------------------------------
 class ReferenceBackend:
     name = "reference"
 
-    def prepare(self, mask, q_offset: int, q_len: int, k_offset: int, kv_len: int, device):
-        return mask, q_offset, k_offset
+    def prepare(self, ctx: AttnContext) -> None:
+        return None  # the reference reads ctx.mask and the offsets itself, in every layer
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared) -> Tensor:
-        mask, q_offset, k_offset = prepared
-        if isinstance(mask, Tensor):
-            return reference_attention(q, k, v, mask)
-        return block_causal_attention_reference(q, k, v, mask, q_offset=q_offset, k_offset=k_offset)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        if isinstance(ctx.mask, Tensor):
+            return reference_attention(q, k, v, ctx.mask)
+        return block_causal_attention_reference(q, k, v, ctx.mask, q_offset=ctx.offset, k_offset=ctx.k_offset)
 
 
 # ---- choosing one ----------------------------------------------------------------------------
@@ -187,7 +190,8 @@ def get_backend(name: str, device=None):
 def set_backend(model, backend="auto"):
     """Make every d2f model inside `model` (itself, or wrapped by PEFT/DDP) use `backend`.
 
-    backend: a name (see BACKENDS, or "auto") or an object with prepare/__call__. Returns model.
+    backend: a name (see BACKENDS, or "auto") or an object with prepare(ctx) / __call__(q, k, v, ctx).
+    Returns model.
     """
     if isinstance(backend, str):
         device = next(model.parameters()).device

@@ -142,7 +142,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_mode
         if accelerator.is_main_process:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:  # the recipes keep the scheduler out of accelerate.prepare (see distill.py)
+    if accelerator.is_main_process:  # the scheduler stays out of accelerate.prepare (train.loop.optimizer_step)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if generators:
         torch.save({k: g.get_state() for k, g in generators.items()}, tmp / f"generators_{accelerator.process_index}.pt")

@@ -1,5 +1,6 @@
 """The order in which vanilla LLaDA decoding commits a model's answer tokens, for training on the
-states that decoding actually visits (`decode_orders` / `decode_order_frac` in train/pretrain.py).
+states that decoding actually visits (`decode_orders` / `decode_order_frac` in train/pretrain.py; the
+loss on them is train/objectives.py's `decode_order_loss`).
 
     python train/decode_orders.py --model testbed/teacher --n 640 --out runs/decode_orders.pt
 
@@ -23,16 +24,13 @@ committed; the state before step s masks exactly the slots with order >= s.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from d2f.yaml_config import ConfigError  # noqa: E402
-from d2f.errors import positive_int  # noqa: E402
+from d2f.errors import positive_int
+from d2f.yaml_config import ConfigError
 
 
 @torch.no_grad()
@@ -144,14 +142,6 @@ class DecodeStates:
         return batch.x.to(device), batch.position_ids.to(device), pattern, at.to(device), targets.to(device)
 
 
-def decode_order_loss(logits: torch.Tensor, targets: torch.Tensor, loss_at: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of the mean CE over the slots the step chooses among (loss_at, never empty)."""
-    import torch.nn.functional as F
-    ce = torch.zeros(loss_at.shape, dtype=torch.float32, device=logits.device)
-    ce[loss_at] = F.cross_entropy(logits[loss_at].float(), targets[loss_at], reduction="none")
-    return (ce.sum(-1) / loss_at.sum(-1).clamp_min(1)).mean()
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the dLLM whose decoding order to record (a model dir)")
@@ -168,9 +158,8 @@ def main(argv=None) -> dict:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     from d2f.data.gsm import make_problems
-    from d2f.data.tokenizer import load_tokenizer
+    from d2f.data.tokenizer import encode_problems, load_tokenizer
     from d2f.models import from_pretrained
-    from train.pretrain import encode_problems
 
     tok = load_tokenizer(a.tokenizer)
     model = from_pretrained(a.model, dtype=torch.float32).eval()

@@ -23,7 +23,9 @@ weights, d2f.models format), checkpoint-<step>/ (train/checkpoint.py; resume=aut
 newest exactly), metrics.jsonl and tensorboard/ (loss parts, lr, grad norm, tokens/s, eval).
 
 The file reads top to bottom: config -> data -> model -> one step -> eval hook -> the recipe
-(checks, processes + model, resume, loop, save).
+(checks, processes + model, resume, loop, save). The parts every recipe repeats (the accelerator,
+resuming, the optimizer step, logging, when to checkpoint) are train/loop.py, shared with
+train/pretrain.py.
 """
 from __future__ import annotations
 
@@ -38,17 +40,15 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python train/distill.py` / `accelerate launch train/distill.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from d2f import masks  # noqa: E402
-from d2f.yaml_config import ConfigError, load_config, save_config  # noqa: E402
-from d2f.errors import check_output_dir, check_output_location  # noqa: E402
-from d2f.losses import d2f_distill_loss, padding_blocks  # noqa: E402
-from d2f.noise import SCHEDULES, add_block_noise  # noqa: E402
-from train.checkpoint import (apply_optimizer_settings, load_checkpoint, resume_changes, resume_checkpoint,  # noqa: E402
-                              save_checkpoint, truncate_metrics)
-from train.schedule import KINDS, warmup_then_decay  # noqa: E402
+from d2f import masks
+from d2f.errors import check_output_dir, check_output_location
+from d2f.losses import d2f_distill_loss, padding_blocks
+from d2f.noise import SCHEDULES, add_block_noise
+from d2f.yaml_config import ConfigError, load_config
+from train.checkpoint import save_checkpoint
+from train.loop import (RunLog, checkpoint_due, find_resume, finish, make_accelerator, optimizer_step, resume,
+                        write_run_config)
+from train.schedule import KINDS, warmup_then_decay
 
 # LoRA targets of the public D2F recipe: the attention projections, by our (= the public
 # checkpoints') module names.
@@ -488,12 +488,6 @@ def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
 RESUME_FIXED = ("model", "lora", "data", "noise", "seed", "batch_size", "grad_accum", "targets")
 
 
-def find_resume_checkpoint(cfg: DistillConfig) -> tuple[Path | None, dict]:
-    """The checkpoint to continue from (None = fresh start) and the settings changed since it."""
-    ckpt = resume_checkpoint(cfg.output_dir, cfg.resume)
-    return ckpt, (resume_changes(ckpt, cfg, RESUME_FIXED) if ckpt is not None else {})
-
-
 # =============================================================================================
 # The recipe
 # =============================================================================================
@@ -505,21 +499,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    cfg = load_config(DistillConfig, args.config, args.overrides)
-
-    # ---- 1. everything that can be wrong with the input, before any compute -----------------
-    validate(cfg)
-    check_output_dir(cfg.output_dir, "output_dir", ConfigError)
-    check_data_source(cfg.data)
-    check_model_source(cfg.model.base)
-    ckpt, changed = find_resume_checkpoint(cfg)
+def load_sequences(cfg: DistillConfig):
+    """Everything the run reads before any weights load: the teacher's config, the LoRA targets checked
+    against it, the tokenizer (None for pre-tokenized data without eval) and the fixed-length sequences.
+    Writes data.source first when data.teacher_answers asks for it."""
     if cfg.data.teacher_answers > 0 and not Path(cfg.data.source).is_file():
         make_teacher_answers(cfg)
     records = read_records(cfg.data.source, cfg.data.split, cfg.data.limit)
     pf, af = resolve_fields(records, cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field)
-    from d2f.models import load_model, preset_config, PRESETS
+    from d2f.models import preset_config, PRESETS
     from d2f.models.io import read_config, resolve_checkpoint
     mcfg = preset_config(cfg.model.base) if cfg.model.base in PRESETS else read_config(resolve_checkpoint(cfg.model.base))
     if mcfg.is_causal:
@@ -532,42 +520,83 @@ def main(argv=None) -> dict:
     pairs = tokenize(records, pf, af, tokenizer, cfg.data.chat_template, cfg.data.answer_end)
     ids_all, plen_all, dropped = build_sequences(pairs, cfg.data.max_length, cfg.noise.block_size, mcfg.eos_token_id,
                                                    mcfg.embedding_size)
+    return mcfg, targets, tokenizer, records, pf, ids_all, plen_all, dropped
+
+
+def configure_deepspeed(accelerator, cfg: DistillConfig) -> None:
+    """Under DeepSpeed, our config is the single source of the batch, accumulation and clipping numbers."""
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.grad_accum
+        ds_plugin.deepspeed_config["gradient_clipping"] = cfg.optim.grad_clip
+
+
+def build_student(cfg: DistillConfig, accelerator, targets: list[str]):
+    """The frozen base in model.dtype with trainable float32 LoRA weights on `targets` (a PeftModel)."""
+    from d2f.models import load_model
+    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device  # not "cpu:0"
+    base = load_model(cfg.model.base, dtype=getattr(torch, cfg.model.dtype), device=device)
+    if cfg.model.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    peft_model = add_lora(base, cfg.lora, targets, cfg.model.base)
+    peft_model.train()
+    return peft_model
+
+
+def save_final(peft_model, out_dir: Path, merge: bool) -> Path:
+    """adapter/ (and merged/ full weights when `merge`); main process."""
+    adapter_dir = out_dir / "adapter"
+    save_adapter(peft_model, adapter_dir)
+    if merge:
+        from d2f.models import save_pretrained
+        save_pretrained(peft_model.merge_and_unload(), out_dir / "merged")
+    return adapter_dir
+
+
+def mean_parts(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
+    """{"train/<part>": value} for the loss parts summed over a step's n micro-batches: the mean over them,
+    then over processes (a collective: every rank calls it)."""
+    vec = torch.tensor([sums[k] / n for k in sorted(sums)], device=accelerator.device)
+    vec = accelerator.reduce(vec, reduction="mean")
+    return {f"train/{k}": float(v) for k, v in zip(sorted(sums), vec)}
+
+
+def main(argv=None) -> dict:
+    """The recipe, read top to bottom (checks, processes + model, resume, loop, save); longer than a helper
+    should be on purpose, like train/pretrain.py's `train`. Returns {"history" (the metrics of every step),
+    "output_dir", "step", "model" (the trained PeftModel, for in-process callers: tests, notebooks)}."""
+    args = parse_args(argv)
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+
+    # ---- 1. everything that can be wrong with the input, before any compute -----------------
+    validate(cfg)
+    check_output_dir(cfg.output_dir, "output_dir", ConfigError)
+    check_data_source(cfg.data)
+    check_model_source(cfg.model.base)
+    ckpt, changed = find_resume(cfg, RESUME_FIXED)
+    mcfg, targets, tokenizer, records, pf, ids_all, plen_all, dropped = load_sequences(cfg)
 
     # ---- 2. processes, model, optimizer ------------------------------------------------------
-    from train.accelerator import make_accelerator
     accelerator = make_accelerator(gradient_accumulation_steps=cfg.grad_accum)  # 1 process, DDP or DeepSpeed
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     n_seq = ids_all.shape[0]
     if n_seq < cfg.batch_size * world:
         raise ConfigError(f"the data has {n_seq} usable samples, fewer than one global batch "
                           f"(batch_size {cfg.batch_size} x {world} processes)")
-    ds_plugin = accelerator.state.deepspeed_plugin
-    if ds_plugin is not None:  # our config is the single source of these numbers
-        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        ds_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.grad_accum
-        ds_plugin.deepspeed_config["gradient_clipping"] = cfg.optim.grad_clip
+    configure_deepspeed(accelerator, cfg)
     out_dir = Path(cfg.output_dir)
+    write_run_config(accelerator, cfg, out_dir)
     if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
         print(f"[distill] {n_seq} sequences of {cfg.data.max_length} tokens ({dropped} dropped: prompt too long), "
               f"{world} process(es)")
 
     torch.manual_seed(cfg.seed + rank)
-    dtype = getattr(torch, cfg.model.dtype)
-    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device  # not "cpu:0"
-    base = load_model(cfg.model.base, dtype=dtype, device=device)
-    if cfg.model.gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-    peft_model = add_lora(base, cfg.lora, targets, cfg.model.base)
-    peft_model.train()
+    peft_model = build_student(cfg, accelerator, targets)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = warmup_then_decay(optimizer, o.warmup_steps, cfg.max_steps, o.schedule)
-    # The scheduler stays out of `prepare`: accelerate's wrapper steps it once per process per optimizer
-    # step (it assumes the lr schedule is written for one process), so a cosine schedule would reach its
-    # end after max_steps / num_processes steps. It is stepped below, once per optimizer step.
+    scheduler = warmup_then_decay(optimizer, o.warmup_steps, cfg.max_steps, o.schedule)  # not prepared: optimizer_step
     model, optimizer = accelerator.prepare(peft_model, optimizer)
     peft_model = accelerator.unwrap_model(model)
     logits_shift = peft_model.get_base_model().config.logits_shift
@@ -576,14 +605,10 @@ def main(argv=None) -> dict:
     # ---- 3. resume -----------------------------------------------------------------------------
     step, micro = 0, 0  # optimizer steps done, global micro-batches consumed (the data position)
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt, load_model=lambda d: load_adapter_weights(peft_model, d),
-                                optimizer=optimizer, scheduler=scheduler)
+        state = resume(accelerator, ckpt, changed, out_dir, load_model=lambda d: load_adapter_weights(peft_model, d),
+                       optimizer=optimizer, scheduler=scheduler, lr=o.lr, weight_decays=[o.weight_decay],
+                       betas=tuple(o.betas), eps=o.eps, tag="[distill] ")
         step, micro = state["step"], state["micro"]
-        apply_optimizer_settings(optimizer, scheduler, o.lr, [o.weight_decay], betas=tuple(o.betas), eps=o.eps)
-        if main_proc:
-            truncate_metrics(out_dir / "metrics.jsonl", step)
-            print(f"[distill] resumed from {ckpt} at step {step}"
-                  + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
     def save(at_step: int):
         save_checkpoint(accelerator, out_dir, at_step, save_model=lambda d: save_adapter(peft_model, d),
@@ -591,80 +616,50 @@ def main(argv=None) -> dict:
                         config=cfg, keep_last=cfg.keep_checkpoints)
 
     # ---- 4. loop -------------------------------------------------------------------------------
-    from tqdm import tqdm
-    writer = None
-    if main_proc:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
     evaluate = make_eval(cfg, tokenizer, records, pf) if main_proc else None
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if main_proc else None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="distill", disable=not main_proc, dynamic_ncols=True)
+    log = RunLog(accelerator, out_dir, "tensorboard", cfg.max_steps, step, "distill")
     history = []
-    t0, tokens = time.time(), 0
     while step < cfg.max_steps:
         sums: dict[str, float] = {}
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        tokens = 0
         for _ in range(cfg.grad_accum):
             idx = micro_batch(n_seq, cfg.batch_size, world, rank, cfg.seed, micro)
-            ids, plen = ids_all[idx].to(accelerator.device), plen_all[idx].to(accelerator.device)
+            ids, plen = ids_all[idx].to(accelerator.device), plen_all[idx].to(accelerator.device)  # (b, L), (b,)
             # noise is a pure function of (seed, rank, data position): exact resume for free
             gen = torch.Generator().manual_seed(hash((cfg.seed, rank, micro)) & (2**62 - 1))
             with accelerator.accumulate(model):
                 parts = distill_step(model, peft_model, ids, plen, cfg.noise, mask_id, eos_id, logits_shift, gen,
                                      cfg.targets)
                 accelerator.backward(parts["loss"])
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, o.grad_clip)
-                optimizer.step()  # the prepared optimizer skips the micro-batches that only accumulate
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, o.grad_clip)
             micro += 1
             tokens += ids.numel() * world
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         step += 1
-        # mean over micro-batches, then over processes
-        vec = torch.tensor([sums[k] / cfg.grad_accum for k in sorted(sums)], device=accelerator.device)
-        vec = accelerator.reduce(vec, reduction="mean")
-        logs = {f"train/{k}": float(v) for k, v in zip(sorted(sums), vec)}
+        log.step(tokens)
+        logs = mean_parts(accelerator, sums, cfg.grad_accum)
         logs["train/lr"] = lr
         if grad_norm is not None:
             logs["train/grad_norm"] = float(grad_norm)
-        logs["train/tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+        logs["train/tokens_per_s"] = log.tokens_per_s()
         if main_proc:
             history.append({"step": step, **logs})
-            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
-            metrics_file.flush()
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                for k, v in logs.items():
-                    writer.add_scalar(k, v, step)
-            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
-            bar.update(1)
+        # metrics.jsonl: every step; TensorBoard: every log_every steps
+        log.write(step, logs, tensorboard=step % cfg.log_every == 0 or step == cfg.max_steps)
+        log.show(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
         if evaluate is not None and step % cfg.eval.every == 0:
-            ev = evaluate(peft_model, step)
-            for k, v in ev.items():
-                writer.add_scalar(k, v, step)
-            metrics_file.write(json.dumps({"step": step, **ev}) + "\n")
-        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < cfg.max_steps:
+            log.write(step, evaluate(peft_model, step))
+        if checkpoint_due(step, cfg.max_steps, cfg.save_every):
             save(step)
-    bar.close()
+    log.close()
 
     # ---- 5. save -----------------------------------------------------------------------------
-    save(step)
     if main_proc:
-        adapter_dir = out_dir / "adapter"
-        save_adapter(peft_model, adapter_dir)
-        if cfg.merge:
-            from d2f.models import save_pretrained
-            merged = peft_model.merge_and_unload()
-            save_pretrained(merged, out_dir / "merged")
-        writer.close()
-        metrics_file.close()
+        adapter_dir = save_final(peft_model, out_dir, cfg.merge)
         print(f"[distill] done: {step} steps, adapter in {adapter_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish(accelerator)
     # the trained PeftModel is handed back to in-process callers (tests, notebooks)
     return {"history": history, "output_dir": str(out_dir), "step": step, "model": peft_model}
 

@@ -7,18 +7,16 @@ Top to bottom: config -> data (generated GSM8K-format problems, chat-formatted, 
 to a fixed length) -> model (our LLaDA architecture, random init) -> loop -> final save in the public
 LLaDA layout (config.json + model.safetensors) plus the tokenizer and the resolved config.
 
-Objectives
-- `llada_sft` (LLaDA's SFT recipe): the prompt is never masked; every answer token (EOS padding included,
-  so the model learns where to stop) is replaced by [MASK] with probability p = (1 - eps) * t + eps,
-  t ~ U(0, 1) per sample; the loss is the cross-entropy on masked tokens weighted 1 / p, divided by the
-  sample's answer length and averaged over the batch. Full attention. `clean_prefix_frac` > 0 trains
-  that share of each batch instead on predicting every answer token, masked, from its clean prefix (all
-  positions in one forward over a two-copy layout, `clean_prefix_layout`, which says why the testbed
-  teacher needs it). `decode_order_frac` > 0 trains that share on the states the model's own vanilla
-  decoding visits (a `train/decode_orders.py` file; the loss is on the masked slots of the block being
-  decoded, the positions that step chooses among; that file's docstring says why).
+Objectives (train/objectives.py, which says how and why each one trains)
+- `llada_sft` (LLaDA's SFT recipe): uniform masking of the answer, CE on the masked tokens weighted 1 / p;
+  full attention. Optional shares of each batch train other states instead: `clean_prefix_frac` (every
+  answer token from its clean prefix), `semi_ar_frac` (semi-autoregressive decoding states) and
+  `decode_order_frac` (the states the model's own vanilla decoding visits, a `train/decode_orders.py` file).
 - `causal`: next-token cross-entropy on the answer tokens up to and including the first EOS, for the
   same-architecture AR baseline (`is_causal: true` goes into its config.json).
+
+The parts every recipe repeats (the accelerator, resuming, the optimizer step, logging, when to checkpoint)
+are train/loop.py, shared with train/distill.py.
 
 Checkpoints (`<output_dir>/checkpoint-<step>/`, written atomically by train/checkpoint.py, the same
 format as train/distill.py's) hold the model in the final layout (config.json + model.safetensors, so a
@@ -28,29 +26,24 @@ it from the newest one, so the resumed run continues with the same losses.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from d2f.yaml_config import ConfigError, load_config, save_config  # noqa: E402
-from d2f.errors import check_output_dir  # noqa: E402
-from d2f.models import ModelConfig, build_model, save_pretrained  # noqa: E402
-from train.accelerator import make_accelerator  # noqa: E402
-from train.checkpoint import (apply_optimizer_settings, load_checkpoint, resume_changes, resume_checkpoint,  # noqa: E402
-                              save_checkpoint, truncate_metrics)
-from train.schedule import warmup_then_decay  # noqa: E402
-
-OBJECTIVES = ("llada_sft", "causal")
+from d2f.errors import check_output_dir
+from d2f.models import ModelConfig, build_model, save_pretrained
+from d2f.yaml_config import ConfigError, load_config, save_config
+from train.checkpoint import save_checkpoint
+from train.decode_orders import DecodeStates, load_decode_orders
+from train.loop import (RunLog, checkpoint_due, find_resume, finish, make_accelerator, optimizer_step, resume,
+                        time_up, write_run_config)
+from train.objectives import OBJECTIVES, compute_loss
+from train.schedule import warmup_then_decay
 
 
 @dataclass
@@ -179,21 +172,22 @@ class PretrainConfig:
 
 # ---- data --------------------------------------------------------------------------------------
 
-def encode_problems(problems: list[dict], tokenizer, answer_len: int,
-                    length_flag: str = "data.answer_len") -> list[tuple[list[int], int]]:
-    """(prompt ids + answer ids + EOS padding to answer_len, prompt length) per problem.
-    length_flag: the caller's name for answer_len, for the error on an answer that does not fit."""
-    from d2f.data.tokenizer import prompt_ids
-    eos = tokenizer.eos_token_id
-    out = []
-    for p in problems:
-        prompt = prompt_ids(tokenizer, p["question"])
-        answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos]
-        if len(answer) > answer_len:
-            raise ConfigError(f"an answer has {len(answer)} tokens (with EOS), more than {length_flag}="
-                             f"{answer_len}; raise {length_flag}")
-        out.append((prompt + answer + [eos] * (answer_len - len(answer)), len(prompt)))
-    return out
+def build_dataset(cfg: PretrainConfig, tokenizer):
+    """The training sequences: cfg.data.num_problems generated problems, answers EOS-padded to data.answer_len."""
+    from d2f.data.gsm import make_problems
+    from d2f.data.tokenizer import encode_problems
+    return encode_problems(make_problems("train", cfg.data.num_problems, seed=cfg.data.seed), tokenizer,
+                           cfg.data.answer_len)
+
+
+def load_data(cfg: PretrainConfig, tokenizer) -> list[tuple[list[int], int]]:
+    """build_dataset, checked against the model's context length."""
+    data = build_dataset(cfg, tokenizer)
+    longest = max(len(ids) for ids, _ in data)  # prompt + answer padded to answer_len
+    if longest > cfg.model.max_position_embeddings:
+        raise ConfigError(f"model.max_position_embeddings {cfg.model.max_position_embeddings} is shorter than the "
+                          f"longest training sequence ({longest} tokens); raise it or lower data.answer_len")
+    return data
 
 
 def collate(examples: list[tuple[list[int], int]], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,177 +217,8 @@ class EpochPermutations:
         return out
 
 
-# ---- objectives --------------------------------------------------------------------------------
-
-def forward_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float,
-                    generator: torch.Generator | None = None):
-    """LLaDA SFT noising: mask each answer token with probability p = (1-eps) t + eps, t ~ U(0,1) per sample.
-
-    Returns noisy ids (B, L), the boolean mask of replaced positions (B, L) and p (B,).
-    """
-    B, L = input_ids.shape
-    dev = generator.device if generator is not None else input_ids.device
-    # drawn on the generator's device (CPU in the recipe), so runs on any device draw the same masks
-    t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
-    p = (1 - eps) * t + eps  # (B,)
-    answer = torch.arange(L, device=input_ids.device)[None] >= prompt_lens[:, None]  # (B, L)
-    u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
-    masked = (u < p[:, None]) & answer
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    return noisy, masked, p
-
-
-def clean_prefix_layout(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int):
-    """Every answer position predicted from its clean prefix, all in one forward (block diffusion's
-    two-copy trick with blocks of one token).
-
-    The sequence (B, L) becomes two copies side by side, (B, 2L), with the same position ids: the clean
-    sequence, then an all-[MASK] copy. Attention is `d2f.masks.block_causal(prompt_len, 1)` within the
-    clean copy (the prompt sees itself, answer token j sees the prompt and answer tokens up to j), and the
-    mask-copy query at answer position i sees the clean tokens before i and its own [MASK]. So row i of the
-    mask copy equals the last row of a forward over `prompt + answer[:i] + [MASK]` under that pattern,
-    and no query ever sees the token it predicts. (Future masks are left out: their states would have to
-    be recomputed for every i. Full attention over masks is what the LLaDA SFT part of the batch trains.)
-
-    Why: with uniform masking (LLaDA SFT) a GSM8K result can nearly always be copied from a later
-    occurrence (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute and
-    fails when decoding reaches the first occurrence with everything after it masked (measured on the
-    testbed teacher: 60/60 first results right with the copies visible, 3/60 with the suffix masked).
-    Here every answer token is a computation from a clean prefix, as in next-token training.
-
-    Returns ids (B, 2L), position ids (B, 2L), the attention mask (B, 1, 2L, 2L) and the loss positions
-    (B, 2L): the mask copy's answer positions, whose targets are input_ids[:, i].
-    """
-    from d2f import masks
-    B, L = input_ids.shape
-    dev = input_ids.device
-    i = torch.arange(L, device=dev)
-    answer = i[None] >= prompt_lens[:, None]  # (B, L)
-    cc = masks.block_causal(prompt_lens, 1).dense(i, i)[:, 0]  # (B, L, L) clean -> clean
-    cm = torch.zeros(B, L, L, dtype=torch.bool, device=dev)  # clean -> masks: never
-    mc = (i[None, :] < i[:, None])[None] & answer[:, :, None]  # masks -> the clean prefix (answer rows)
-    mm = torch.eye(L, dtype=torch.bool, device=dev)[None].expand(B, L, L)  # masks -> their own [MASK]
-    attn = torch.cat([torch.cat([cc, cm], 2), torch.cat([mc, mm], 2)], 1)[:, None]  # (B, 1, 2L, 2L)
-    ids = torch.cat([input_ids, torch.full_like(input_ids, mask_id)], 1)  # (B, 2L)
-    pos = torch.cat([i, i])[None].expand(B, 2 * L)
-    loss_at = torch.cat([torch.zeros_like(answer), answer], 1)  # (B, 2L)
-    return ids, pos, attn, loss_at
-
-
-def clean_prefix_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: torch.Tensor,
-                      prompt_lens: torch.Tensor) -> torch.Tensor:
-    """CE at every answer position of the mask copy (all masked: p = 1), divided by the answer length and
-    averaged over the batch, the LLaDA SFT normalisation."""
-    B, L = input_ids.shape
-    at = loss_at[:, L:]  # (B, L) the mask copy's answer positions; its position i predicts input_ids[:, i]
-    weight = (1.0 / (L - prompt_lens).float())[:, None].expand(B, L)  # (B, L)
-    ce = F.cross_entropy(logits[:, L:][at].float(), input_ids[at], reduction="none")
-    return (ce * weight[at]).sum() / B
-
-
-def llada_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
-                   prompt_lens: torch.Tensor) -> torch.Tensor:
-    """sum over masked tokens of CE / (p * answer_len), divided by the batch size (LLaDA SFT)."""
-    B, L = input_ids.shape
-    answer_len = (L - prompt_lens).float()  # (B,) answer + EOS padding
-    weight = 1.0 / (p[:, None] * answer_len[:, None]).expand(B, L)  # (B, L)
-    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (M,)
-    return (ce * weight[masked]).sum() / B
-
-
-def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float, block: int,
-                    generator: torch.Generator | None = None):
-    """The states semi-autoregressive (block-wise) decoding visits, drawn at random: LLaDA's vanilla
-    decoding fills the answer block by block, so the block being decoded is partly masked, every block
-    before it is clean and every block after it is all [MASK]. Per sample: a block b of the answer,
-    uniform; its tokens masked with probability p = (1-eps) t + eps, t ~ U(0, 1); everything after it masked.
-
-    Why: under uniform masking a GSM8K result can nearly always be copied from a later occurrence
-    (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute, and fails when
-    decoding reaches the first occurrence with everything after it masked. In these states everything
-    after the block is masked, as in decoding. Attention stays full, as LLaDA was trained.
-
-    Returns noisy ids (B, L), the loss positions (B, L): the masked slots of block b, and p (B,).
-    """
-    B, L = input_ids.shape
-    dev = generator.device if generator is not None else input_ids.device
-    t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
-    p = (1 - eps) * t + eps  # (B,)
-    n_blocks = (L - prompt_lens + block - 1) // block  # (B,) answer blocks (the last may be short)
-    b = (torch.rand(B, generator=generator, device=dev).to(input_ids.device) * n_blocks).long()  # (B,)
-    u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
-    offset = torch.arange(L, device=input_ids.device)[None] - prompt_lens[:, None]  # (B, L) answer offset
-    start = (b * block)[:, None]
-    in_block = (offset >= start) & (offset < start + block)  # (B, L)
-    loss_at = in_block & (u < p[:, None])
-    masked = loss_at | (offset >= start + block)
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    return noisy, loss_at, p
-
-
-def semi_ar_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: torch.Tensor, p: torch.Tensor,
-                 block: int) -> torch.Tensor:
-    """sum over the block's masked tokens of CE / (p * block), divided by the batch size: LLaDA SFT's
-    normalisation with the block in place of the answer."""
-    B = input_ids.shape[0]
-    weight = (1.0 / (p * block))[:, None].expand_as(loss_at)  # (B, L)
-    ce = F.cross_entropy(logits[loss_at].float(), input_ids[loss_at], reduction="none")
-    return (ce * weight[loss_at]).sum() / B
-
-
-def causal_targets(input_ids: torch.Tensor, prompt_lens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Labels for next-token CE: answer tokens up to and including the first EOS, -100 elsewhere."""
-    B, L = input_ids.shape
-    pos = torch.arange(L, device=input_ids.device)[None]  # (1, L)
-    answer = pos >= prompt_lens[:, None]
-    is_eos = (input_ids == eos_id) & answer
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(prompt_lens, L - 1))
-    keep = answer & (pos <= first_eos[:, None])
-    return torch.where(keep, input_ids, torch.full_like(input_ids, -100))
-
-
-def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE: logits row i predicts token i+1."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def compute_loss(model, cfg: PretrainConfig, input_ids, prompt_lens, generator, order_batch=None) -> torch.Tensor:
-    """The batch's loss. llada_sft: the batch is the decoding states `order_batch` (DecodeStates.sample,
-    `cfg.n_decode_states` of them), then `n_prefix` clean-prefix samples, then LLaDA
-    SFT; each part weighted by its share of the batch."""
-    mcfg = model.config if hasattr(model, "config") else model.module.config
-    if cfg.objective == "llada_sft":
-        n_order = 0 if order_batch is None else order_batch[0].shape[0]
-        B = input_ids.shape[0] + n_order
-        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, then n_semi, the rest LLaDA SFT
-        n_semi = round(B * cfg.semi_ar_frac)
-        loss = input_ids.new_zeros((), dtype=torch.float32)
-        if n_order > 0:
-            from train.decode_orders import decode_order_loss
-            x, pos, pattern, loss_at, targets = order_batch
-            loss = loss + decode_order_loss(model(x, pos, mask=pattern), targets, loss_at) * n_order / B
-        if n_order + n_prefix + n_semi < B:
-            ids, plen = input_ids[n_prefix + n_semi:], prompt_lens[n_prefix + n_semi:]
-            noisy, masked, p = forward_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, generator)
-            n_sft = B - n_order - n_prefix - n_semi
-            loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * n_sft / B
-        if n_semi > 0:
-            ids, plen = input_ids[n_prefix:n_prefix + n_semi], prompt_lens[n_prefix:n_prefix + n_semi]
-            noisy, loss_at, p = semi_ar_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, cfg.semi_ar_block,
-                                                generator)
-            loss = loss + semi_ar_loss(model(noisy), ids, loss_at, p, cfg.semi_ar_block) * n_semi / B
-        if n_prefix > 0:
-            ids, plen = input_ids[:n_prefix], prompt_lens[:n_prefix]
-            both, pos, attn, loss_at = clean_prefix_layout(ids, plen, mcfg.mask_token_id)
-            loss = loss + clean_prefix_loss(model(both, pos, mask=attn), ids, loss_at, plen) * n_prefix / B
-        return loss
-    labels = causal_targets(input_ids, prompt_lens, mcfg.eos_token_id)
-    return causal_loss(model(input_ids), labels)
-
-
 def build_decode_states(cfg: PretrainConfig, data, tokenizer):
     """The decoding states of `cfg.decode_orders`, checked against this recipe's data (same problems)."""
-    from train.decode_orders import DecodeStates, load_decode_orders
     d = load_decode_orders(cfg.decode_orders)
     n, eos = len(d["orders"]), tokenizer.eos_token_id
     if d["seed"] != cfg.data.seed or n > len(data):
@@ -418,12 +243,6 @@ def model_config(cfg: PretrainConfig, tokenizer) -> ModelConfig:
                        rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
                        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, is_causal=cfg.objective == "causal")
-
-
-def build_dataset(cfg: PretrainConfig, tokenizer):
-    from d2f.data.gsm import make_problems
-    return encode_problems(make_problems("train", cfg.data.num_problems, seed=cfg.data.seed), tokenizer,
-                           cfg.data.answer_len)
 
 
 def init_weights(model, path: str | Path, what: str = "the checkpoint") -> None:
@@ -470,14 +289,23 @@ def architecture_hint(model, source) -> str:
     return "Set the recipe's model.* to the checkpoint's architecture (its config.json), or drop init_from"
 
 
+def make_optimizer(cfg: PretrainConfig, model):
+    """AdamW with weight decay on the matrices only (two parameter groups), and the warmup + cosine schedule."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return optimizer, warmup_then_decay(optimizer, cfg.warmup_steps, cfg.max_steps, "cosine", cfg.min_lr_ratio)
+
+
 def train(cfg: PretrainConfig, on_step=None) -> dict:
     """Run (or resume) training; returns {"step", "losses" (per step of this call), "output_dir", "seconds"}.
 
     on_step(step, loss), if given, is called after every step (and its checkpoint); tests use it to
-    interrupt a run at a chosen step.
+    interrupt a run at a chosen step. Longer than a helper should be on purpose: it is the recipe, read top
+    to bottom (checks, data, model, resume, loop, final save), as train/distill.py's `main`.
     """
-    from tqdm.auto import tqdm
-
     from d2f.data.tokenizer import load_tokenizer
 
     cfg.validate()
@@ -492,52 +320,30 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
-    data = build_dataset(cfg, tokenizer)
-    longest = max(len(ids) for ids, _ in data)  # prompt + answer padded to answer_len
-    if longest > cfg.model.max_position_embeddings:
-        raise ConfigError(f"model.max_position_embeddings {cfg.model.max_position_embeddings} is shorter than the "
-                          f"longest training sequence ({longest} tokens); raise it or lower data.answer_len")
+    data = load_data(cfg, tokenizer)
     order = EpochPermutations(len(data), cfg.seed)
     states = build_decode_states(cfg, data, tokenizer) if cfg.decode_order_frac > 0 else None
     model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scheduler = warmup_then_decay(optimizer, cfg.warmup_steps, cfg.max_steps, "cosine", cfg.min_lr_ratio)
+    optimizer, scheduler = make_optimizer(cfg, model)
     # the masks are drawn from a generator of our own (one stream per process), saved in every checkpoint
     generators = {"mask": torch.Generator().manual_seed(cfg.seed * 1000 + rank)}
 
-    step, position = 0, 0
-    ckpt = resume_checkpoint(out, cfg.resume)
-    changed = resume_changes(ckpt, cfg, RESUME_FIXED) if ckpt is not None else {}
+    step, position = 0, 0  # optimizer steps done, data samples consumed (all processes)
+    ckpt, changed = find_resume(cfg, RESUME_FIXED)
     if ckpt is None and cfg.init_from:
         init_weights(model, cfg.init_from, "init_from")
         accelerator.print(f"initialised the weights from {cfg.init_from}")
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt, load_model=lambda d: init_weights(raw, d), optimizer=optimizer,
-                                scheduler=scheduler, generators=generators)
+        state = resume(accelerator, ckpt, changed, out, load_model=lambda d: init_weights(raw, d), optimizer=optimizer,
+                       scheduler=scheduler, generators=generators, lr=cfg.lr, weight_decays=[cfg.weight_decay, 0.0],
+                       betas=(cfg.beta1, cfg.beta2))
         step, position = state["step"], state["position"]
-        apply_optimizer_settings(optimizer, scheduler, cfg.lr, [cfg.weight_decay, 0.0], betas=(cfg.beta1, cfg.beta2))
-        if accelerator.is_main_process:
-            truncate_metrics(out / "metrics.jsonl", step)
-        accelerator.print(f"resumed from {ckpt} at step {step}"
-                          + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        n_params = sum(p.numel() for p in raw.parameters())
-        accelerator.print(f"{cfg.objective}: {n_params / 1e6:.2f}M parameters, {len(data)} problems, "
-                          f"{world} process(es) x batch {cfg.batch_size}")
-    writer = metrics_file = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
-        metrics_file = open(out / "metrics.jsonl", "a")  # one line per logged step
+    write_run_config(accelerator, cfg, out)
+    accelerator.print(f"{cfg.objective}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, "
+                      f"{len(data)} problems, {world} process(es) x batch {cfg.batch_size}")
+    log = RunLog(accelerator, out, "tb", cfg.max_steps, step, cfg.objective)
     # data samples per step: the decoding-state share of the batch is drawn from `states` instead
     n_order = cfg.n_decode_states
     global_batch = (cfg.batch_size - n_order) * world
@@ -547,56 +353,43 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
                         optimizer=optimizer, scheduler=scheduler, trainer_state={"position": position},
                         config=cfg, keep_last=cfg.keep_checkpoints, generators=generators)
 
-    losses, t_start, t_log, tokens = [], time.time(), time.time(), 0
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.objective)
+    losses, t_start = [], time.time()
     model.train()
     while step < cfg.max_steps:
         idx = order.indices(position, global_batch)[rank::world]
-        input_ids, prompt_lens = collate([data[i] for i in idx], tokenizer.eos_token_id)
+        input_ids, prompt_lens = collate([data[i] for i in idx], tokenizer.eos_token_id)  # (b, L), (b,)
         input_ids, prompt_lens = input_ids.to(accelerator.device), prompt_lens.to(accelerator.device)
         # drawn before the data's masks, from the same saved generator, so resume stays exact
         order_batch = states.sample(n_order, generators["mask"], accelerator.device) if states is not None else None
         with accelerator.autocast():
             loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], order_batch)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg.grad_clip)
         step += 1
         position += global_batch
-        tokens += (input_ids.numel() + (order_batch[0].numel() if order_batch is not None else 0)) * world
         losses.append(loss.item())
-        bar.update(1)
+        log.step((input_ids.numel() + (order_batch[0].numel() if order_batch is not None else 0)) * world)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            dt = time.time() - t_log
-            scalars = {"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens / max(dt, 1e-9)}
-            if writer is not None:
-                for k, v in scalars.items():
-                    writer.add_scalar(k, v, step)
-                metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
-                metrics_file.flush()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
-            t_log, tokens = time.time(), 0
-        out_of_time = cfg.time_limit_minutes > 0 and time.time() - t_start > 60 * cfg.time_limit_minutes
-        if step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time:
+            tok_s = log.tokens_per_s()
+            # train/lr: the rate the next step uses (the schedule has stepped)
+            log.write(step, {"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0],
+                             "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
+            log.show(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:.0f}")
+        out_of_time = time_up(t_start, cfg.time_limit_minutes)
+        if checkpoint_due(step, cfg.max_steps, cfg.save_every, out_of_time):
             checkpoint()
         if on_step is not None:
             on_step(step, losses[-1])
         if out_of_time:
             accelerator.print(f"time_limit_minutes={cfg.time_limit_minutes} reached at step {step}; stopping")
             break
-    bar.close()
-    if writer is not None:
-        writer.close()
-        metrics_file.close()
+    log.close()
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the final model, in the public LLaDA layout
         save_pretrained(raw, out, dtype=getattr(torch, cfg.save_dtype))
         tokenizer.save_pretrained(str(out))
         save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
+    finish(accelerator)
     return {"step": step, "losses": losses, "output_dir": str(out), "seconds": time.time() - t_start}
 
 

@@ -94,6 +94,25 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(chat_text(tokenizer, question), add_special_tokens=False)["input_ids"]
 
 
+def encode_problems(problems: list[dict], tokenizer, answer_len: int,
+                    length_flag: str = "data.answer_len") -> list[tuple[list[int], int]]:
+    """(prompt ids + answer ids + EOS padding to answer_len, prompt length) per problem: the testbed's
+    training sequences. train/pretrain.py trains on them and train/decode_orders.py records decoding
+    states on a prefix of them, so both encode through this one function.
+    length_flag: the caller's name for answer_len, for the error on an answer that does not fit."""
+    from d2f.yaml_config import ConfigError
+    eos = tokenizer.eos_token_id
+    out = []
+    for p in problems:
+        prompt = prompt_ids(tokenizer, p["question"])
+        answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(answer) > answer_len:
+            raise ConfigError(f"an answer has {len(answer)} tokens (with EOS), more than {length_flag}="
+                             f"{answer_len}; raise {length_flag}")
+        out.append((prompt + answer + [eos] * (answer_len - len(answer)), len(prompt)))
+    return out
+
+
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Train and save the testbed tokenizer.")

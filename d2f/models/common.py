@@ -6,12 +6,16 @@ its public checkpoints and call these.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2f.masks import Pattern
+
+if TYPE_CHECKING:
+    from d2f.models.base import AttnContext
 
 
 class RMSNorm(nn.Module):
@@ -50,27 +54,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class SDPABackend:
-    """Default attention: torch SDPA with a dense boolean mask built once per forward."""
+    """Default attention: torch SDPA with a dense boolean mask built once per forward.
+
+    The backend interface (`kernels/backends.py`): `prepare(ctx)` once per forward, its result kept
+    as `ctx.prepared`; then `backend(q, k, v, ctx)` in every layer."""
 
     name = "sdpa"
 
-    def prepare(self, mask, q_offset: int, q_len: int, k_offset: int, kv_len: int, device) -> Tensor | None:
-        """Queries sit at buffer indices [q_offset, +q_len), keys at [k_offset, +kv_len)."""
+    def prepare(self, ctx: AttnContext) -> Tensor | None:
+        """Queries sit at buffer indices [ctx.offset, +q_len), keys at [ctx.k_offset, +kv_len)."""
+        mask = ctx.mask
         if mask is None:
             return None
         if isinstance(mask, Pattern):
             if mask.kind == "full" and mask.key_valid is None:
                 return None
             # offsets are ints, or 0-dim device tensors under static shapes (d2f.cache.StaticKVCache)
-            q_idx = torch.arange(q_len, device=device) + q_offset
-            k_idx = torch.arange(kv_len, device=device) + k_offset
+            q_idx = torch.arange(ctx.q_len, device=ctx.device) + ctx.offset
+            k_idx = torch.arange(ctx.kv_len, device=ctx.device) + ctx.k_offset
             return mask.dense(q_idx, k_idx)
         return mask  # an explicit (B|1, 1|H, Tq, Tk) tensor
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared) -> Tensor:
-        # q (B, H, T, D); k, v (B, H_kv, S, D)
-        gqa = q.shape[1] != k.shape[1]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared, enable_gqa=gqa)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        return sdpa(q, k, v, ctx.prepared)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """q (B, H, T, D); k, v (B, H_kv, S, D); mask None or bool (B|1, 1|H, T, S) -> (B, H, T, D)."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

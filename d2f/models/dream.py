@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from d2f.models.base import DiffusionLM, self_attention, swiglu
+from d2f.models.base import AttnContext, DiffusionLM, self_attention, swiglu
 from d2f.models.common import RMSNorm
 from d2f.models.config import ModelConfig
 
@@ -34,18 +34,17 @@ class DreamMLP(nn.Module):
 
 
 class DreamDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.cfg = cfg
+        self.layer_idx = layer_idx  # its slot in the KV cache
         self.self_attn = DreamAttention(cfg)
         self.mlp = DreamMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, backend, prepared, cache, layer: int, offset: int) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
         a = self.self_attn
-        x = x + self_attention(self.input_layernorm(x), a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                               self.cfg, cos, sin, backend, prepared, cache, layer, offset)
+        x = x + self_attention(self.input_layernorm(x), ctx, self.layer_idx, a.q_proj, a.k_proj, a.v_proj, a.o_proj)
         m = self.mlp
         return x + swiglu(self.post_attention_layernorm(x), m.gate_proj, m.up_proj, m.down_proj)
 
@@ -54,7 +53,7 @@ class DreamBaseModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DreamDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DreamDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

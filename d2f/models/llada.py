@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from d2f.models.base import DiffusionLM, self_attention, swiglu
+from d2f.models.base import AttnContext, DiffusionLM, self_attention, swiglu
 from d2f.models.common import RMSNorm
 from d2f.models.config import ModelConfig
 
 
 class LLaDABlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.cfg = cfg
+        self.layer_idx = layer_idx  # its slot in the KV cache
         C, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
         self.attn_norm = RMSNorm(C, cfg.rms_norm_eps)
         self.q_proj = nn.Linear(C, C, bias=cfg.qkv_bias)
@@ -27,9 +27,9 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(C, cfg.intermediate_size, bias=False)
         self.ff_out = nn.Linear(cfg.intermediate_size, C, bias=False)
 
-    def forward(self, x, cos, sin, backend, prepared, cache, layer: int, offset: int) -> Tensor:
-        x = x + self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               self.cfg, cos, sin, backend, prepared, cache, layer, offset)
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+        x = x + self_attention(self.attn_norm(x), ctx, self.layer_idx, self.q_proj, self.k_proj, self.v_proj,
+                               self.attn_out)
         return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
 
@@ -38,7 +38,7 @@ class LLaDAModel(nn.Module):
         super().__init__()
         modules = dict(
             wte=nn.Embedding(cfg.embedding_size, cfg.hidden_size),
-            blocks=nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.num_layers)),
+            blocks=nn.ModuleList(LLaDABlock(cfg, i) for i in range(cfg.num_layers)),
             ln_f=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         )
         if not cfg.tie_word_embeddings:

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 from d2f import masks  # noqa: E402
 from d2f.cache import KVCache  # noqa: E402
 from d2f.models import load_model  # noqa: E402
+from d2f.models.base import AttnContext  # noqa: E402
 from d2f.models.common import SDPABackend, reference_attention  # noqa: E402
 from kernels import block_attention  # noqa: E402
 from kernels.backends import (FlexBackend, ReferenceBackend, TritonBackend, get_backend,  # noqa: E402
@@ -28,15 +29,19 @@ from kernel_helpers import DEVICE, HERE, fresh_process_fallback, needs_kernel  #
 test_whole_file_in_fresh_process = fresh_process_fallback(__file__)
 
 
+def attend(backend, q, k, v, mask, q_offset, q_len, k_offset, kv_len, device=DEVICE):
+    """One backend alone: queries at buffer indices [q_offset, +q_len), keys at [k_offset, +kv_len)."""
+    return AttnContext(mask, q_offset, q_len, k_offset, kv_len, device, backend).attend(q, k, v)
+
+
 def flex_runs() -> str | None:
     """None if flex attention runs here, else why not (it needs torch >= 2.5; CPU support varies)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        bm = masks.flex_block_mask(masks.block_causal(3, 2), 8, 8)
         q = torch.randn(1, 1, 8, 16, device=DEVICE)
         with warnings.catch_warnings():  # eager flex on a CPU, on purpose (see pytestmark)
             warnings.simplefilter("ignore")
-            FlexBackend()(q, q, q, bm.to(DEVICE))
+            attend(FlexBackend(), q, q, q, masks.block_causal(3, 2), 0, 8, 0, 8)
     except Exception as e:  # noqa: BLE001 - any failure means: skip, and say why
         return f"flex attention does not run here: {type(e).__name__}: {e}"
     return None
@@ -99,7 +104,7 @@ def test_backend_matches_dense_reference(name, scenario):
     mask = make_mask()
     q, k, v = qkv(2, 4, 2, q_len, kv_len)
     backend = get_backend(name)
-    got = backend(q, k, v, backend.prepare(mask, q_offset, q_len, k_offset, kv_len, DEVICE))
+    got = attend(backend, q, k, v, mask, q_offset, q_len, k_offset, kv_len)
     torch.testing.assert_close(got, expected(mask, q, k, v, q_offset, k_offset), atol=2e-5, rtol=1e-5)
 
 
@@ -110,11 +115,11 @@ def test_triton_backend_uses_the_kernel_for_patterns(kernel_calls):
     q, k, v = qkv(2, 4, 2, 8, 20)
     b = TritonBackend()
     with torch.no_grad():
-        b(q, k, v, b.prepare(masks.block_causal(6, 4, left_pad([2, 0], 20)), 12, 8, 0, 20, DEVICE))
-        b(q, k, v, b.prepare(None, 12, 8, 0, 20, DEVICE))
-        b(q, k, v, b.prepare(torch.ones(1, 1, 8, 20, dtype=torch.bool, device=DEVICE), 12, 8, 0, 20, DEVICE))
+        attend(b, q, k, v, masks.block_causal(6, 4, left_pad([2, 0], 20)), 12, 8, 0, 20)
+        attend(b, q, k, v, None, 12, 8, 0, 20)
+        attend(b, q, k, v, torch.ones(1, 1, 8, 20, dtype=torch.bool, device=DEVICE), 12, 8, 0, 20)
         holes = left_pad([0, 0], 20) & (torch.arange(20, device=DEVICE) != 7)
-        b(q, k, v, b.prepare(masks.full(holes), 12, 8, 0, 20, DEVICE))
+        attend(b, q, k, v, masks.full(holes), 12, 8, 0, 20)
     assert calls == ["block_causal", "full"]
 
 
@@ -124,15 +129,15 @@ def test_triton_backend_falls_back_to_sdpa_for_gradients_and_float64():
     b = TritonBackend()
     q, k, v = qkv(1, 2, 2, 12, 12)
     q.requires_grad_(True)
-    prepared = b.prepare(pattern, 0, 12, 0, 12, DEVICE)
-    out = b(q, k, v, prepared)
+    ctx = AttnContext(pattern, 0, 12, 0, 12, DEVICE, b)
+    out = b(q, k, v, ctx)
     assert out.grad_fn is not None  # SDPA, differentiable
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
     want = expected(pattern, q.detach(), k, v, 0, 0)
     torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=1e-5)
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-    got64 = b(q64, k64, v64, prepared)  # SDPA in float64; the naive reference computes in fp32
+    got64 = b(q64, k64, v64, ctx)  # SDPA in float64; the naive reference computes in fp32
     assert got64.dtype == torch.float64
     torch.testing.assert_close(got64, expected(pattern, q64, k64, v64, 0, 0), atol=1e-6, rtol=1e-6)
 
@@ -146,7 +151,7 @@ def test_triton_backend_without_kernel_uses_the_reference(monkeypatch):
     q, k, v = qkv(2, 4, 2, 8, 20, device="cpu")
     b = TritonBackend()
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="using the PyTorch reference"):
-        got = b(q, k, v, b.prepare(pattern, 12, 8, 0, 20, "cpu"))
+        got = attend(b, q, k, v, pattern, 12, 8, 0, 20, device="cpu")
     torch.testing.assert_close(got, expected_cpu(pattern, q, k, v, 12), atol=2e-5, rtol=1e-5)
 
 

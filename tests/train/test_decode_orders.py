@@ -113,7 +113,7 @@ def orders_file(tok_dir, tmp_path_factory):
 def states_loss(model, cfg, tok_dir, orders_file) -> float:
     """The decode-order loss on 16 fixed states."""
     from d2f.data.tokenizer import load_tokenizer
-    from train.decode_orders import decode_order_loss
+    from train.objectives import decode_order_loss
     from train.pretrain import build_dataset, build_decode_states
     tok = load_tokenizer(tok_dir)
     states = build_decode_states(cfg, build_dataset(cfg, tok), tok)
@@ -152,9 +152,9 @@ def test_compute_loss_weights_the_three_parts_by_their_shares(tok_dir, orders_fi
     2/8, 2/8 and 4/8 of each part's own loss, and the SFT masks come from the generator after the states'."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import from_pretrained
-    from train.decode_orders import decode_order_loss
-    from train.pretrain import (build_dataset, build_decode_states, clean_prefix_layout, clean_prefix_loss, collate,
-                                compute_loss, forward_process, llada_sft_loss)
+    from train.objectives import (clean_prefix_layout, clean_prefix_loss, compute_loss, decode_order_loss,
+                                  forward_process, llada_sft_loss)
+    from train.pretrain import build_dataset, build_decode_states, collate
     cfg = tiny_cfg(tok_dir, "unused", "llada_sft", decode_orders=orders_file, decode_order_frac=0.25,
                    clean_prefix_frac=0.25)
     tok = load_tokenizer(tok_dir)

@@ -10,8 +10,8 @@ from d2f.yaml_config import ConfigError, load_config
 from d2f.data.gsm import make_problems
 from d2f.data.tokenizer import train_tokenizer
 from d2f.models import from_pretrained
-from train.pretrain import (PretrainConfig, causal_loss, causal_targets, collate, export_checkpoint,
-                            forward_process, llada_sft_loss, train)
+from train.objectives import causal_loss, causal_targets, forward_process, llada_sft_loss
+from train.pretrain import PretrainConfig, collate, export_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_clean_prefix_layout_rows_equal_one_forward_per_position_and_never_leak(
     d2f.masks.block_causal(prompt_len, 1); changing answer tokens from i on leaves rows <= i unchanged."""
     from d2f import masks
     from d2f.models import build_model, preset_config
-    from train.pretrain import clean_prefix_layout
+    from train.objectives import clean_prefix_layout
     torch.manual_seed(0)
     cfg = preset_config("tiny-llada").replace(num_layers=2, vocab_size=64, embedding_size=64, mask_token_id=2)
     model = build_model(cfg, dtype=torch.float64, seed=0)
@@ -86,7 +86,8 @@ def test_clean_prefix_loss_and_batch_split_equal_hand_computation(tok_dir):
     (every answer token, weight 1 / answer length), the rest LLaDA SFT, weighted by their shares."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import build_model
-    from train.pretrain import clean_prefix_layout, clean_prefix_loss, compute_loss, model_config
+    from train.objectives import clean_prefix_layout, clean_prefix_loss, compute_loss
+    from train.pretrain import model_config
     cfg = tiny_cfg(tok_dir, "unused", "llada_sft", clean_prefix_frac=0.25)
     model = build_model(model_config(cfg, load_tokenizer(tok_dir)), seed=0).eval()
     torch.manual_seed(1)
@@ -143,7 +144,8 @@ def tiny_cfg(tok_dir, out, objective, **kw) -> PretrainConfig:
 def fixed_batch_loss(model, cfg, tok_dir) -> float:
     """The objective on a fixed batch with fixed masks, so that losses of two models compare exactly."""
     from d2f.data.tokenizer import load_tokenizer
-    from train.pretrain import build_dataset, compute_loss
+    from train.objectives import compute_loss
+    from train.pretrain import build_dataset
     data = build_dataset(cfg, load_tokenizer(tok_dir))
     ids, plen = collate(data[:16], eos_id=1)
     with torch.no_grad():
@@ -282,7 +284,7 @@ def two_process_run_resumes_exactly(tok_dir, tmp_path, **kw):
 # ---- semi-autoregressive states and the bidirectional teacher -------------------------------------
 
 def test_semi_ar_process_masks_one_partial_block_and_everything_after_it():
-    from train.pretrain import semi_ar_process, semi_ar_loss
+    from train.objectives import semi_ar_loss, semi_ar_process
     g = torch.Generator().manual_seed(0)
     B, L, block = 64, 70, 8
     ids = torch.randint(3, 50, (B, L))
@@ -332,7 +334,8 @@ def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
     (LLaDA SFT and semi-autoregressive states) attends fully, as LLaDA and Dream were trained."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import build_model
-    from train.pretrain import build_dataset, compute_loss, model_config
+    from train.objectives import compute_loss
+    from train.pretrain import build_dataset, model_config
     cfg = load_config(PretrainConfig, REPO / "configs" / config, [f"tokenizer={tok_dir}", "data.num_problems=16"])
     assert cfg.objective == "llada_sft" and cfg.clean_prefix_frac == 0
     tok = load_tokenizer(tok_dir)
