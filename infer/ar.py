@@ -3,7 +3,7 @@
 Two model families:
 - ours with `config.is_causal` (the testbed AR baseline, `tiny-ar`): `d2f.cache.KVCache`, the
   causal pattern with key padding, per-sample position ids.
-- any Hugging Face `AutoModelForCausalLM` (Qwen2.5, Llama...): its own `past_key_values`,
+- any Hugging Face `AutoModelForCausalLM` (Qwen2.5, Llama...): its own KV cache (`cache` in recent transformers, `past_key_values` in older ones),
   `attention_mask` for the left padding, per-sample position ids.
 
 The first forward runs over the prompt and yields the first token; each later token costs one
@@ -135,6 +135,14 @@ def _apply(change, model, batch: Batch, start, budget, active, ids, cache, pos: 
     return batch, start, budget, active, ids, cache, pos, min(lo, first)
 
 
+def hf_cache_kwarg(model) -> str:
+    """The name under which this transformers version passes and returns the KV cache: `cache` in recent
+    versions (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` in older ones."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode_hf(model, batch: Batch, cfg, log: StepLog, generator, use_cache: bool, eos_id: int | None,
               compact: bool = True) -> None:
@@ -144,11 +152,12 @@ def decode_hf(model, batch: Batch, cfg, log: StepLog, generator, use_cache: bool
     active = torch.ones(B, dtype=torch.bool, device=batch.x.device)
     orig, rows = batch, torch.arange(B, device=batch.x.device)
     past = None
+    cache_kw = hf_cache_kwarg(model)
     for pos in range(P, L):
         f_lo = pos - 1 if (use_cache and past is not None) else 0
         out = model(input_ids=batch.x[:, f_lo:pos], attention_mask=attn[:, :pos],
-                    position_ids=batch.position_ids[:, f_lo:pos], past_key_values=past, use_cache=use_cache)
-        past = out.past_key_values if use_cache else None
+                    position_ids=batch.position_ids[:, f_lo:pos], use_cache=use_cache, **{cache_kw: past})
+        past = getattr(out, cache_kw) if use_cache else None
         active = _commit(batch, pos, out.logits[:, -1], active, cfg, eos_id, log, generator, rows)
         if not active.any():
             break
