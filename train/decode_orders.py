@@ -7,13 +7,10 @@ loss on them is train/objectives.py's `decode_order_loss`).
 Why: vanilla decoding (low-confidence remasking, one token per forward, block 32) commits the most
 confident masked token of the block first, and a small dLLM is most confident about template tokens
 (`>>`, ` years`, `\\n`) several positions ahead. Their position fixes how many digits the numbers before
-them get, before those numbers are computed. Measured on the stage-5 testbed teacher: on the first 100
-held-out problems 82% of commits were not the leftmost masked token and the same model solved 72%
-decoding strictly left to right against 52% in its own order; on all 500, 239 of its 243 errors were
-wrong calculator results, 84 of them with the wrong number of digits (`<<18-5=3>>`). Uniform masking
-(LLaDA SFT) rarely shows the model those states; this file records them. Training half of each batch
-on them (configs/testbed_teacher_orders.yaml, 2,400 steps) took the teacher from 51.4% to 67.2% with
-vanilla decoding on the 500 held-out problems.
+them get, before those numbers are computed, so such a model's calculator results often get the wrong
+number of digits (`<<18-5=3>>`), and the same weights do better decoding strictly left to right than in
+their own order. Uniform masking (LLaDA SFT) rarely shows the model those states; this file records
+them. What training on them measured is in testbed/teacher/README.md (stages 6 and 7).
 
 For each training problem we run the published vanilla algorithm (`infer/vanilla.py`) with one change:
 a committed position takes the *reference* token, not the model's. The positions and their order are

@@ -74,8 +74,8 @@ def clean_prefix_layout(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask
 
     Why: with uniform masking (LLaDA SFT) a GSM8K result can nearly always be copied from a later
     occurrence (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute and
-    fails when decoding reaches the first occurrence with everything after it masked (measured on the
-    testbed teacher: 60/60 first results right with the copies visible, 3/60 with the suffix masked).
+    fails when decoding reaches the first occurrence with everything after it masked (the measurement is
+    in testbed/teacher/README.md).
     Here every answer token is a computation from a clean prefix, as in next-token training.
 
     Returns ids (B, 2L), position ids (B, 2L), the attention mask (B, 1, 2L, 2L) and the loss positions
