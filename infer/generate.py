@@ -14,7 +14,6 @@ forward, wall time and tokens/s. `--trace FILE` writes every step as a JSON line
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -53,35 +52,17 @@ def read_prompts(args) -> list[str]:
     """--prompt values, then the --input-file lines; the built-in example only when neither is given."""
     prompts = list(args.prompt)
     if args.input_file:
-        path = Path(args.input_file)
-        if path.is_dir():
-            raise UserError(f"--input-file {str(path)!r} is a directory; pass a .jsonl file (one JSON object with a "
-                            "'prompt' or 'question' field per line)")
-        if not path.is_file():
-            raise UserError(f"--input-file {str(path)!r} does not exist")
+        from d2f.data.records import numbered_jsonl
         n_read = 0
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"--input-file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not a JSON line ({e.msg}); each line must be an object with a "
-                                "'prompt' or 'question' field") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: a JSON {type(row).__name__}, expected an object with a 'prompt' or "
-                                "'question' field")
+        for n, row in numbered_jsonl(args.input_file, "--input-file"):
             text = row.get("prompt", row.get("question"))
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{path}:{n}: no non-empty 'prompt' or 'question' string (keys: {sorted(row)})")
+                raise UserError(f"{args.input_file}:{n}: no non-empty 'prompt' or 'question' string (keys: "
+                                f"{sorted(row)})")
             prompts.append(text)
             n_read += 1
         if n_read == 0:
-            raise UserError(f"--input-file {str(path)!r} holds no prompts (one JSON object per line)")
+            raise UserError(f"--input-file {args.input_file!r} holds no prompts (one JSON object per line)")
     for i, p in enumerate(prompts):
         if not p.strip():
             raise UserError(f"prompt {i} is empty; give some text")

@@ -172,7 +172,7 @@ CASES = [
     ("eval", ["--batch-size", "-1"], ["--batch-size must be a positive integer"]),
     ("eval", ["--shots", "-1"], ["--shots must be >= 0"]),
     ("eval", ["--data", "/no/such.jsonl", "--output-dir", "{fx}/out_nodata"], ["/no/such.jsonl"]),
-    ("eval", ["--data", "{fx}/list.jsonl", "--output-dir", "{fx}/out_list"], ["row 0", "no 'question'/'answer'"]),
+    ("eval", ["--data", "{fx}/list.jsonl", "--output-dir", "{fx}/out_list"], ["list.jsonl:1", "a JSON list, expected an object"]),
     ("eval", ["--limit", "2", "--output-dir", "{fx}/afile"],
      ["afile' is a file; --output-dir must be a directory (or a path that does not exist yet)"]),
     ("eval", ["--limit", "2", "--output-dir", "{fx}/afile/sub"], ["afile' is a file, so no directory can be created"]),

@@ -30,7 +30,6 @@ train/pretrain.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from d2f import masks
+from d2f.data.records import read_records, resolve_fields
 from d2f.errors import check_output_dir, check_output_location
 from d2f.losses import d2f_distill_loss, padding_blocks
 from d2f.noise import SCHEDULES, add_block_noise
@@ -132,7 +132,7 @@ class DistillConfig:
     batch_size: int = 1  # sequences per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 10  # TensorBoard every N steps (metrics.jsonl gets every step)
     save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint in output_dir) | none | path to a checkpoint
@@ -220,9 +220,6 @@ def check_model_source(name: str) -> None:
 # Data: records -> token ids -> fixed-length sequences
 # =============================================================================================
 
-PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "question"), ("answer", "response")
-
-
 def make_teacher_answers(cfg: DistillConfig) -> None:
     """Write data.source from the teacher on first use: its answers to data.teacher_answers testbed train
     problems, decoded with Fast-dLLM (dual cache, threshold 0.9; the settings configs/d2f_tiny.yaml names).
@@ -241,60 +238,6 @@ def make_teacher_answers(cfg: DistillConfig) -> None:
         cmd += ["--tokenizer", cfg.model.tokenizer]
     if subprocess.run(cmd).returncode != 0:
         raise ConfigError(f"could not write the teacher's answers to {str(out)!r} (see the lines above)")
-
-
-def read_records(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """A local .jsonl file (one JSON object per line) or a hub data set."""
-    p = Path(source).expanduser()
-    if source.endswith(".jsonl") or p.is_file():
-        if p.is_dir():
-            raise ConfigError(f"data file {source!r} is a directory; set data.source to a .jsonl file (one JSON "
-                              "object per line)")
-        if not p.is_file():
-            raise ConfigError(f"data file {source!r} does not exist")
-        records = []
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"data file {source!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for i, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{source}:{i} is not valid JSON ({e})") from None
-                if not isinstance(records[-1], dict):
-                    raise ConfigError(f"{source}:{i} is a JSON {type(records[-1]).__name__}, expected an object")
-            if limit is not None and len(records) >= limit:
-                break
-    else:
-        import datasets
-        ds = datasets.load_dataset(source, split=split)
-        records = [dict(r) for r in (ds.select(range(min(limit, len(ds)))) if limit is not None else ds)]
-    if not records:
-        raise ConfigError(f"data source {source!r} holds no records")
-    return records
-
-
-def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
-                   answer_field: str | None) -> tuple[str, str]:
-    """Which fields hold the prompt and the answer; a clear error naming what is missing."""
-    first = records[0]
-    if "prompt_ids" in first and "answer_ids" in first and prompt_field is None and answer_field is None:
-        return "prompt_ids", "answer_ids"  # pre-tokenized
-    out = []
-    for given, candidates, what in ((prompt_field, PROMPT_FIELDS, "prompt"), (answer_field, ANSWER_FIELDS, "answer")):
-        options = (given,) if given else candidates
-        name = next((c for c in options if c in first), None)
-        if name is None:
-            raise ConfigError(f"data source {source!r} has no {what} field: expected one of "
-                              f"{list(options)} (set data.{what}_field), records have {sorted(first)}")
-        out.append(name)
-    for i, r in enumerate(records):
-        missing = [f for f in out if f not in r or r[f] is None]
-        if missing:
-            raise ConfigError(f"record {i} of {source!r} lacks field(s) {missing}")
-    return out[0], out[1]
 
 
 def tokenizer_source(m: ModelSection) -> str | None:
@@ -617,7 +560,7 @@ def main(argv=None) -> dict:
 
     # ---- 4. loop -------------------------------------------------------------------------------
     evaluate = make_eval(cfg, tokenizer, records, pf) if main_proc else None
-    log = RunLog(accelerator, out_dir, "tensorboard", cfg.max_steps, step, "distill")
+    log = RunLog(accelerator, out_dir, cfg.max_steps, step, "distill", cfg.log_every)
     history = []
     while step < cfg.max_steps:
         sums: dict[str, float] = {}
@@ -646,11 +589,10 @@ def main(argv=None) -> dict:
         logs["train/tokens_per_s"] = log.tokens_per_s()
         if main_proc:
             history.append({"step": step, **logs})
-        # metrics.jsonl: every step; TensorBoard: every log_every steps
-        log.write(step, logs, tensorboard=step % cfg.log_every == 0 or step == cfg.max_steps)
+        log.write(step, logs)
         log.show(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
         if evaluate is not None and step % cfg.eval.every == 0:
-            log.write(step, evaluate(peft_model, step))
+            log.write(step, evaluate(peft_model, step), tensorboard=True)
         if checkpoint_due(step, cfg.max_steps, cfg.save_every):
             save(step)
     log.close()

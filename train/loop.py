@@ -109,21 +109,26 @@ def optimizer_step(accelerator, params, optimizer, scheduler, grad_clip: float):
 
 # ---- reporting -------------------------------------------------------------------------------------
 
-class RunLog:
-    """Where a run reports: `metrics.jsonl` (one JSON object per line, {"step": ..., **scalars}; the file a
-    resume cuts back) and TensorBoard on the main process, a tqdm bar on the local main one, and the token
-    throughput since the previous logged line. The recipe decides what is logged and at which steps."""
+TENSORBOARD_DIR = "tensorboard"  # <output_dir>/tensorboard: `tensorboard --logdir <output_dir>`
 
-    def __init__(self, accelerator, out_dir: Path, tensorboard_dir: str, total: int, initial: int, desc: str):
+
+class RunLog:
+    """Where a run reports, the same in every recipe: on the main process `metrics.jsonl` (one JSON object
+    per step, {"step": ..., **scalars}; the file a resume cuts back) and `tensorboard/` (every `log_every`
+    steps and the last), a tqdm bar on the local main one, and the token throughput since the previous line.
+    The recipe decides what is logged."""
+
+    def __init__(self, accelerator, out_dir: Path, total: int, initial: int, desc: str, log_every: int):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                         disable=not accelerator.is_local_main_process)
         self.writer = self.file = None
         if accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / tensorboard_dir))
+            self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
             self.file = open(out_dir / "metrics.jsonl", "a")  # after `resume` has cut it back
         self.tokens, self.t = 0, time.time()
+        self.total, self.log_every = total, log_every
 
     def step(self, tokens: int) -> None:
         """One optimizer step done, on `tokens` tokens (all processes together)."""
@@ -137,12 +142,15 @@ class RunLog:
         self.tokens, self.t = 0, now
         return rate
 
-    def write(self, step: int, scalars: dict[str, float], tensorboard: bool = True) -> None:
-        """One line of metrics.jsonl, and the same scalars to TensorBoard unless tensorboard=False."""
+    def write(self, step: int, scalars: dict[str, float], tensorboard: bool | None = None) -> None:
+        """One line of metrics.jsonl, and the same scalars to TensorBoard when `tensorboard` says so; None:
+        every `log_every` steps and at the last step (an evaluation passes True)."""
         if self.file is None:
             return
         self.file.write(json.dumps({"step": step, **scalars}) + "\n")
         self.file.flush()
+        if tensorboard is None:
+            tensorboard = step % self.log_every == 0 or step == self.total
         if tensorboard:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)

@@ -95,7 +95,7 @@ class PretrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
-    log_every: int = 10
+    log_every: int = 10  # TensorBoard every N steps (metrics.jsonl gets every step)
     save_every: int = 200
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint-<step> directory
@@ -343,7 +343,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     write_run_config(accelerator, cfg, out)
     accelerator.print(f"{cfg.objective}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(data)} problems, {world} process(es) x batch {cfg.batch_size}")
-    log = RunLog(accelerator, out, "tb", cfg.max_steps, step, cfg.objective)
+    log = RunLog(accelerator, out, cfg.max_steps, step, cfg.objective, cfg.log_every)
     # data samples per step: the decoding-state share of the batch is drawn from `states` instead
     n_order = cfg.n_decode_states
     global_batch = (cfg.batch_size - n_order) * world
@@ -361,6 +361,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         input_ids, prompt_lens = input_ids.to(accelerator.device), prompt_lens.to(accelerator.device)
         # drawn before the data's masks, from the same saved generator, so resume stays exact
         order_batch = states.sample(n_order, generators["mask"], accelerator.device) if states is not None else None
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         with accelerator.autocast():
             loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], order_batch)
         accelerator.backward(loss)
@@ -369,12 +370,9 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         position += global_batch
         losses.append(loss.item())
         log.step((input_ids.numel() + (order_batch[0].numel() if order_batch is not None else 0)) * world)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tok_s = log.tokens_per_s()
-            # train/lr: the rate the next step uses (the schedule has stepped)
-            log.write(step, {"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0],
-                             "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
-            log.show(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:.0f}")
+        log.write(step, {"train/loss": losses[-1], "train/lr": lr, "train/grad_norm": float(grad_norm),
+                         "train/tokens_per_s": log.tokens_per_s()})
+        log.show(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
         out_of_time = time_up(t_start, cfg.time_limit_minutes)
         if checkpoint_due(step, cfg.max_steps, cfg.save_every, out_of_time):
             checkpoint()

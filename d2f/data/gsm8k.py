@@ -14,10 +14,10 @@ the jsonl file; see `d2f/data/README.md`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from d2f.data.extract import extract_answer
+from d2f.data.records import read_jsonl
 from d2f.errors import UserError
 
 REAL100 = Path(__file__).with_name("gsm8k_real100.jsonl")
@@ -57,18 +57,7 @@ def _load_hub(split: str) -> list[dict]:
 
 def _load_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
-        rows = []
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-        return _from_rows(rows, str(path))
+        return _from_rows(read_jsonl(path, "GSM8K file"), str(path))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return _from_rows(pq.read_table(str(path)).to_pylist(), str(path))

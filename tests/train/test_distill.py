@@ -297,7 +297,8 @@ def _tiny_tokenizer(path):
 
 
 def test_text_data_is_chat_templated_tokenized_and_eos_padded(work, tmp_path):
-    from train.distill import build_sequences, load_tokenizer, read_records, resolve_fields, tokenize
+    from d2f.data.records import read_records, resolve_fields
+    from train.distill import build_sequences, load_tokenizer, tokenize
     v = _tiny_tokenizer(tmp_path / "tok")
     data = tmp_path / "text.jsonl"
     rows = [{"question": f"what is {a} plus {b}", "response": f"the answer is {a + b}"}
