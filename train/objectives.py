@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from d2f import masks
+from d2f.models.common import shift_logits
 
 OBJECTIVES = ("llada_sft", "causal")
 
@@ -190,6 +191,9 @@ def compute_loss(model, cfg, input_ids: torch.Tensor, prompt_lens: torch.Tensor,
     """
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
+        if mcfg.logits_shift:  # Dream: row i-1 predicts token i; every loss below reads row i for token i
+            net = model
+            model = lambda *a, **k: shift_logits(net(*a, **k))  # noqa: E731
         n_order = 0 if order_batch is None else order_batch[0].shape[0]
         B = input_ids.shape[0] + n_order
         n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, then n_semi, the rest LLaDA SFT

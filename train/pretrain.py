@@ -48,6 +48,7 @@ from train.schedule import warmup_then_decay
 
 @dataclass
 class ModelSpec:
+    arch: str = "llada"  # llada (row i predicts token i) | dream (Qwen2 layout, row i-1 predicts token i)
     hidden_size: int = 256
     num_layers: int = 6
     num_heads: int = 4
@@ -165,6 +166,11 @@ class PretrainConfig:
         if self.decode_order_frac > 0 and (self.objective != "llada_sft" or not self.decode_orders):
             raise ConfigError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
                              "(python train/decode_orders.py --model <teacher> --n <problems> --out <file>)")
+        if self.model.arch not in ("llada", "dream"):
+            raise ConfigError(f"model.arch {self.model.arch!r} is not 'llada' or 'dream'")
+        if self.model.arch == "dream" and self.clean_prefix_frac > 0:
+            raise ConfigError("clean_prefix_frac > 0 needs model.arch llada: its two-copy layout predicts each token "
+                              "at its own slot, while a Dream model predicts it one row earlier")
         if self.data.num_problems <= 0 or self.data.answer_len <= 0:
             raise ConfigError(f"data.num_problems and data.answer_len must be > 0, got {self.data.num_problems} and "
                               f"{self.data.answer_len}")
@@ -238,7 +244,7 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
 
 def model_config(cfg: PretrainConfig, tokenizer) -> ModelConfig:
     m = cfg.model
-    return ModelConfig(arch="llada", vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+    return ModelConfig(arch=m.arch, qkv_bias=m.arch == "dream", vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
                        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
                        rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
                        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -252,8 +258,11 @@ def init_weights(model, path: str | Path, what: str = "the checkpoint") -> None:
     Only tensors matter, not the attention flag: an AR baseline (is_causal) initialises a dLLM, the
     AR-to-diffusion adaptation that Dream and DiffuLLaMA use to train dLLMs with less compute."""
     from d2f.models import from_pretrained
+    from d2f.models.convert import llada_to_dream
     source = from_pretrained(Path(path), dtype=torch.float32)
     state = source.state_dict()
+    if source.config.arch == "llada" and model.config.arch == "dream":  # Dream from AR weights, as from Qwen2.5
+        state = llada_to_dream(state, source.config.num_layers)
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if bad:

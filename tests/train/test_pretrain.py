@@ -1,4 +1,5 @@
 """The pretraining recipe: objectives (hand-checked), real steps that lower the loss, exact resume."""
+import json
 import math
 from pathlib import Path
 
@@ -193,6 +194,50 @@ def test_init_from_an_ar_model(tok_dir, tmp_path):
         init_weights(build_model(model_config(bigger, load_tokenizer(tok_dir))), tmp_path / "ar")
     res = train(tiny_cfg(tok_dir, tmp_path / "dllm", "llada_sft", max_steps=4, init_from=tmp_path / "ar"))
     assert res["step"] == 4
+
+
+def test_dream_teacher_starts_exactly_from_llada_layout_ar_weights(tok_dir, tmp_path):
+    """model.arch=dream: init_from LLaDA-layout AR weights are converted to the Qwen2 layout with zero q/k/v
+    biases (the same logits exactly), every llada_sft loss reads row i-1 for token i, and the run saves a
+    Dream checkpoint. Clean prefix is refused: its layout assumes row i predicts token i."""
+    from types import SimpleNamespace
+    from d2f.data.tokenizer import load_tokenizer
+    from d2f.models import build_model, shift_logits
+    from train.objectives import compute_loss
+    from train.pretrain import init_weights, model_config
+    train(tiny_cfg(tok_dir, tmp_path / "ar", "causal", max_steps=4))
+    dream = {"model.arch": "dream", "clean_prefix_frac": 0, "semi_ar_frac": 0.5}
+    cfg = tiny_cfg(tok_dir, tmp_path / "dream", "llada_sft", **dream)
+    model = build_model(model_config(cfg, load_tokenizer(tok_dir)), seed=1)
+    init_weights(model, tmp_path / "ar")
+    ar = from_pretrained(tmp_path / "ar")
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.config.is_causal = True
+        assert torch.equal(model(ids), ar(ids))  # the AR model, one row per next token
+        model.config.is_causal = False
+        assert not torch.equal(model(ids), ar(ids))  # now full attention
+
+    class AsLLaDA(torch.nn.Module):  # the same model seen as LLaDA-style (row i predicts token i)
+        config = SimpleNamespace(logits_shift=0, mask_token_id=2, eos_token_id=1)
+
+        def __init__(self, shift: bool):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, *a, **k):
+            return shift_logits(model(*a, **k)) if self.shift else model(*a, **k)
+    batch = torch.randint(3, 200, (4, 40), generator=torch.Generator().manual_seed(1)), torch.tensor([8, 10, 12, 9])
+    with torch.no_grad():
+        loss = {name: compute_loss(m, cfg, *batch, torch.Generator().manual_seed(5)).item()
+                for name, m in (("dream", model), ("shifted", AsLLaDA(True)), ("unshifted", AsLLaDA(False)))}
+    assert loss["dream"] == loss["shifted"] != loss["unshifted"], loss
+    with pytest.raises(ConfigError, match="clean_prefix_frac > 0 needs model.arch llada"):
+        tiny_cfg(tok_dir, tmp_path / "x", "llada_sft", **{"model.arch": "dream", "clean_prefix_frac": 0.5}).validate()
+    res = train(tiny_cfg(tok_dir, tmp_path / "dream", "llada_sft", max_steps=4, init_from=tmp_path / "ar", **dream))
+    saved = from_pretrained(tmp_path / "dream")
+    assert res["step"] == 4 and saved.config.arch == "dream" and not saved.config.is_causal
+    assert json.loads((tmp_path / "dream" / "config.json").read_text())["model_type"] == "Dream"
 
 
 class Killed(Exception):
