@@ -4,8 +4,9 @@
     accelerate launch train/pretrain.py --config configs/testbed_ar.yaml max_steps=100
 
 Top to bottom: config -> data (generated GSM8K-format problems, chat-formatted, answers padded with EOS
-to a fixed length) -> model (our LLaDA architecture, random init) -> loop -> final save in the public
-LLaDA layout (config.json + model.safetensors) plus the tokenizer and the resolved config.
+to a fixed length) -> model (our LLaDA architecture, or Dream's with model.arch=dream; random init or
+init_from) -> loop -> final save in the public LLaDA / Dream layout (config.json + model.safetensors) plus
+the tokenizer and the resolved config.
 
 Objectives (train/objectives.py, which says how and why each one trains)
 - `llada_sft` (LLaDA's SFT recipe): uniform masking of the answer, CE on the masked tokens weighted 1 / p;
