@@ -40,6 +40,9 @@ SKIP = {
     "python train/pretrain.py --config configs/testbed_teacher.yaml": f"{HOURS} (the AR line runs the recipe for 2 steps)",
     "python train/pretrain.py --config configs/testbed_teacher_orders.yaml":
         f"{HOURS}; needs the orders of the line before (tests/train/test_decode_orders.py trains on such states)",
+    "python train/pretrain.py --config configs/testbed_teacher_bidir_orders.yaml":
+        f"{HOURS}; needs the orders of the line before (tests/train/test_decode_orders.py trains this config's "
+        "batch on such states)",
     "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml train/distill.py --config "
     "configs/d2f_llada.yaml": f"{HUB}; {GPU}",
     "python -m infer.bench": f"{GPU} (on a CPU it is the tiny-shape line, which runs)",
@@ -75,6 +78,11 @@ RUN = {
         [("+", "--limit 1 --output-dir {tmp}/e")],
     "python train/pretrain.py --config configs/testbed_ar.yaml":
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/ar")],
+    "python train/pretrain.py --config configs/testbed_teacher_bidir.yaml":
+        [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/bidir")],
+    "python train/decode_orders.py --model runs/testbed_teacher_bidir --n 640 --out runs/decode_orders_bidir.pt":
+        [("runs/testbed_teacher_bidir", "testbed/teacher"), ("--n 640", "--n 2"),
+         ("runs/decode_orders_bidir.pt", "{tmp}/ob.pt")],
     "python train/decode_orders.py --model runs/testbed_teacher --n 640 --out runs/decode_orders.pt":
         [("runs/testbed_teacher", "testbed/teacher"), ("--n 640", "--n 2"), ("runs/decode_orders.pt", "{tmp}/o.pt")],
     "python -m infer.bench --shapes tiny-llada,tiny-dream":
