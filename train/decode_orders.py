@@ -4,6 +4,8 @@ loss on them is train/objectives.py's `decode_order_loss`).
 
     python train/decode_orders.py --model testbed/teacher --n 640 --out runs/decode_orders.pt
 
+A stopped recording continues where it stopped when run again with the same arguments (`<out>.partial`).
+
 Why: vanilla decoding (low-confidence remasking, one token per forward, block 32) commits the most
 confident masked token of the block first, and a small dLLM is most confident about template tokens
 (`>>`, ` years`, `\\n`) several positions ahead. Their position fixes how many digits the numbers before
@@ -32,9 +34,14 @@ from d2f.yaml_config import ConfigError
 
 @torch.no_grad()
 def decode_orders(model, prompts: list[list[int]], references: list[list[int]], gen_len: int, block_size: int,
-                  steps: int, batch_size: int = 50) -> torch.Tensor:
+                  steps: int, batch_size: int = 50, done: torch.Tensor | None = None,
+                  on_batch=None) -> torch.Tensor:
     """(N, gen_len) long: the vanilla-decoding step at which each answer slot is committed, with every
-    commit replaced by the reference token. references: answer ids, EOS-padded to gen_len."""
+    commit replaced by the reference token. references: answer ids, EOS-padded to gen_len.
+
+    done: the first rows, already recorded (a resumed run; each batch is decoded on its own, so they are the
+    rows an uninterrupted run gives when its batches start at the same multiples of batch_size);
+    on_batch(orders so far (n, gen_len)): called after each batch, for a partial file."""
     from infer.api import DecodeConfig
     from infer.batch import make_batch
     from infer.steps import StepLog
@@ -54,7 +61,12 @@ def decode_orders(model, prompts: list[list[int]], references: list[list[int]], 
     cfg = DecodeConfig(mode="vanilla", max_new_tokens=gen_len, block_size=block_size, steps=steps)
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), gen_len, dtype=torch.long)
-    for s0 in range(0, len(prompts), batch_size):
+    start = 0 if done is None else len(done)
+    if start % batch_size and start != len(prompts):
+        raise ConfigError(f"{start} recorded rows do not end at a batch boundary of batch_size {batch_size}")
+    if done is not None:
+        out[:start] = done
+    for s0 in range(start, len(prompts), batch_size):
         batch = make_batch(prompts[s0:s0 + batch_size], gen_len, model.config.mask_token_id,
                            model.config.pad_token_id, device)
         ref = torch.tensor(references[s0:s0 + batch_size], dtype=torch.long, device=device)  # (b, G)
@@ -64,6 +76,8 @@ def decode_orders(model, prompts: list[list[int]], references: list[list[int]], 
             order[info["committed"]] = info["step"] - 1
         decode(model, batch, cfg, StepLog(len(ref), on_step=record), reference=ref)
         out[s0:s0 + len(ref)] = order.cpu()
+        if on_batch is not None:
+            on_batch(out[:s0 + len(ref)])
     return out
 
 
@@ -165,15 +179,36 @@ def main(argv=None) -> dict:
     prompts, refs = [ids[:n] for ids, n in data], [ids[n:] for ids, n in data]
     steps = a.steps or a.gen
     t0 = time.time()
-    orders = decode_orders(model, prompts, refs, a.gen, a.block, steps, a.batch_size)
+    # <out>.partial: the rows recorded so far, after every batch; a stopped run continues from it when it is
+    # run again with the same settings (the settings that change the rows or where batches start)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(f"{a.out}.partial")
+    settings = {"model": a.model, "n": a.n, "seed": a.seed, "gen": a.gen, "block": a.block, "steps": steps,
+                "batch_size": a.batch_size}
+    done = None
+    if partial.is_file():
+        p = torch.load(partial, map_location="cpu", weights_only=True)
+        if p.get("settings") != settings:
+            raise ConfigError(f"{str(partial)!r} holds the orders of a stopped run with other settings "
+                              f"({p.get('settings')}, now {settings}); run it again with those, or delete the file")
+        done = p["orders"]
+        print(f"continuing from {partial}: {len(done)} of {a.n} problems recorded")
+
+    def save_partial(rows):
+        atomic_save({"settings": settings, "orders": rows.clone()}, partial)
+    orders = decode_orders(model, prompts, refs, a.gen, a.block, steps, a.batch_size, done, save_partial)
     out = {"orders": orders, "references": torch.tensor(refs, dtype=torch.long), "gen_len": a.gen,
            "block_size": a.block, "steps": steps, "num_problems": a.n, "seed": a.seed, "model": a.model}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{a.out}.tmp")
-    torch.save(out, tmp)
-    tmp.replace(a.out)  # atomic: a killed run never leaves a half-written file that looks recorded
+    atomic_save(out, Path(a.out))  # a killed run never leaves a half-written file that looks recorded
+    partial.unlink(missing_ok=True)
     print(f"{a.n} problems, {time.time() - t0:.0f}s -> {a.out}")
     return out
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

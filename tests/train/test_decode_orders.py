@@ -277,3 +277,34 @@ def test_the_bidirectional_orders_stage_continues_the_bidirectional_teacher(tok_
     ids, plen = collate(data[:small.batch_size - small.n_decode_states], eos_id=1)
     loss = compute_loss(wrapped, small, ids, plen, g, order_batch)
     assert torch.isfinite(loss) and wrapped.kinds == ["full"] * 3  # decoding states, SFT, semi-AR
+
+
+def test_a_stopped_recording_continues_from_its_partial_file(tok_dir, orders_file, tmp_path, monkeypatch):
+    """<out>.partial holds the rows after each batch; run again, the recording continues from it and gives
+    the uninterrupted run's orders; other settings are refused while it exists."""
+    import infer.vanilla
+    from d2f.yaml_config import ConfigError
+    from train.decode_orders import main
+    teacher = str(Path(orders_file).parent / "teacher")
+    args = ["--model", teacher, "--tokenizer", tok_dir, "--n", "6", "--gen", "192", "--block", "64", "--steps", "48",
+            "--batch-size", "2"]
+    whole = main(args + ["--out", str(tmp_path / "whole.pt")])
+    real, calls = infer.vanilla.decode, []
+
+    def stop_on_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(*a, **k)
+    monkeypatch.setattr(infer.vanilla, "decode", stop_on_third_batch)
+    out = tmp_path / "o.pt"
+    with pytest.raises(Killed):
+        main(args + ["--out", str(out)])
+    assert not out.exists() and len(torch.load(f"{out}.partial")["orders"]) == 4
+    with pytest.raises(ConfigError, match="other settings"):
+        main(args[:-1] + ["3", "--out", str(out)])
+    calls.clear()
+    resumed = main(args + ["--out", str(out)])
+    assert len(calls) == 1  # only the last batch was decoded again
+    assert torch.equal(resumed["orders"], whole["orders"]) and not Path(f"{out}.partial").exists()
+    assert torch.equal(torch.load(out)["orders"], whole["orders"])
