@@ -245,8 +245,9 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
 
 def model_config(cfg: PretrainConfig, tokenizer) -> ModelConfig:
     m = cfg.model
-    return ModelConfig(arch=m.arch, qkv_bias=m.arch == "dream", vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
-                       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+    return ModelConfig(arch=m.arch, qkv_bias=m.arch == "dream", vocab_size=len(tokenizer),
+                       hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
                        rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
                        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, is_causal=cfg.objective == "causal")

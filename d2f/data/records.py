@@ -68,7 +68,8 @@ def read_records(source: str, split: str = "train", limit: int | None = None) ->
 def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
                    answer_field: str | None) -> tuple[str, str]:
     """Which fields hold the prompt and the answer (the given names, else the first of PROMPT_FIELDS /
-    ANSWER_FIELDS present), checked on every record (a ConfigError: the fix is a config key); ("prompt_ids", "answer_ids") for pre-tokenized data."""
+    ANSWER_FIELDS present), checked on every record; ("prompt_ids", "answer_ids") for pre-tokenized data.
+    Errors are ConfigErrors: the fix is a config key."""
     first = records[0]
     if "prompt_ids" in first and "answer_ids" in first and prompt_field is None and answer_field is None:
         return "prompt_ids", "answer_ids"
@@ -78,7 +79,7 @@ def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
         name = next((c for c in options if c in first), None)
         if name is None:
             raise ConfigError(f"data source {source!r} has no {what} field: expected one of "
-                            f"{list(options)} (set data.{what}_field), records have {sorted(first)}")
+                              f"{list(options)} (set data.{what}_field), records have {sorted(first)}")
         out.append(name)
     for i, r in enumerate(records):
         missing = [f for f in out if f not in r or r[f] is None]

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from d2f.models.config import ModelConfigError
-
 
 def llada_to_dream(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """A LLaDAModelLM state dict -> a DreamModel state dict (the same function, q/k/v biases zero)."""
-    if any(".attn_proj." in k or ".att_proj." in k for k in state):
-        raise ModelConfigError("fused q/k/v projections (att_proj) have no Dream counterpart here; convert a "
-                               "checkpoint with separate q_proj / k_proj / v_proj")
+    """A LLaDAModelLM state dict -> a DreamModel state dict (the same function, q/k/v biases zero; a tied
+    LLaDA head, which has no ff_out, becomes an lm_head equal to the embedding)."""
     src, out = "model.transformer.", {}
     out["model.embed_tokens.weight"] = state[src + "wte.weight"]
     out["model.norm.weight"] = state[src + "ln_f.weight"]
-    out["lm_head.weight"] = state[src + "ff_out.weight"] if src + "ff_out.weight" in state else state[src + "wte.weight"]
+    out["lm_head.weight"] = state.get(src + "ff_out.weight", state[src + "wte.weight"])
     names = {"attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm", "attn_out": "self_attn.o_proj",
              "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj",
              "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj"}
