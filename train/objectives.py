@@ -110,17 +110,20 @@ def clean_prefix_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: to
 
 # ---- semi-autoregressive decoding states -----------------------------------------------------------
 
-def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eps: float, block: int,
-                    generator: torch.Generator | None = None):
+def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eos_id: int, eps: float,
+                    block: int, generator: torch.Generator | None = None):
     """The states semi-autoregressive (block-wise) decoding visits, drawn at random: LLaDA's vanilla
     decoding fills the answer block by block, so the block being decoded is partly masked, every block
-    before it is clean and every block after it is all [MASK]. Per sample: a block b of the answer,
-    uniform; its tokens masked with probability p = (1-eps) t + eps, t ~ U(0, 1); everything after it masked.
+    before it is clean and every block after it is all [MASK]. Per sample: a block b of the answer, uniform
+    over the blocks that hold content (those that start at or before the answer's first EOS); its tokens
+    masked with probability p = (1-eps) t + eps, t ~ U(0, 1); everything after it masked.
 
     Why: under uniform masking a GSM8K result can nearly always be copied from a later occurrence
     (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute, and fails when
     decoding reaches the first occurrence with everything after it masked. In these states everything
-    after the block is masked, as in decoding. Attention stays full, as LLaDA was trained.
+    after the block is masked, as in decoding. Attention stays full, as LLaDA was trained. A block of EOS
+    padding alone is not drawn: once the model has learnt to stop (within a few hundred steps) its loss is
+    0 and its forward is wasted, and with answers padded to the gen length that was ~43% of the draws.
 
     Returns noisy ids (B, L), the loss positions (B, L): the masked slots of block b, and p (B,).
     """
@@ -128,10 +131,13 @@ def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id:
     dev = generator.device if generator is not None else input_ids.device
     t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
     p = (1 - eps) * t + eps  # (B,)
-    n_blocks = (L - prompt_lens + block - 1) // block  # (B,) answer blocks (the last may be short)
+    offset = torch.arange(L, device=input_ids.device)[None] - prompt_lens[:, None]  # (B, L) answer offset
+    is_eos = (input_ids == eos_id) & (offset >= 0)
+    last = torch.where(is_eos, offset, L).min(1).values  # (B,) the first EOS's offset,
+    last = torch.minimum(last, L - 1 - prompt_lens)  # or the answer's last slot if it has none
+    n_blocks = last // block + 1  # (B,) the blocks that start at or before it
     b = (torch.rand(B, generator=generator, device=dev).to(input_ids.device) * n_blocks).long()  # (B,)
     u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
-    offset = torch.arange(L, device=input_ids.device)[None] - prompt_lens[:, None]  # (B, L) answer offset
     start = (b * block)[:, None]
     in_block = (offset >= start) & (offset < start + block)  # (B, L)
     loss_at = in_block & (u < p[:, None])
@@ -209,8 +215,8 @@ def compute_loss(model, cfg, input_ids: torch.Tensor, prompt_lens: torch.Tensor,
             loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * n_sft / B
         if n_semi > 0:
             ids, plen = input_ids[n_prefix:n_prefix + n_semi], prompt_lens[n_prefix:n_prefix + n_semi]
-            noisy, loss_at, p = semi_ar_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, cfg.semi_ar_block,
-                                                generator)
+            noisy, loss_at, p = semi_ar_process(ids, plen, mcfg.mask_token_id, mcfg.eos_token_id, cfg.mask_eps,
+                                                cfg.semi_ar_block, generator)
             loss = loss + semi_ar_loss(model(noisy), ids, loss_at, p, cfg.semi_ar_block) * n_semi / B
         if n_prefix > 0:
             ids, plen = input_ids[:n_prefix], prompt_lens[:n_prefix]

@@ -334,23 +334,32 @@ def test_semi_ar_process_masks_one_partial_block_and_everything_after_it():
     B, L, block = 64, 70, 8
     ids = torch.randint(3, 50, (B, L))
     plen = torch.randint(5, 20, (B,))
-    noisy, loss_at, p = semi_ar_process(ids, plen, 2, 1e-3, block, g)
+    content = torch.randint(1, 40, (B,))  # answer tokens before EOS; the last 8 rows have no EOS
+    for i in range(B - 8):
+        ids[i, plen[i] + content[i]:] = 1  # EOS, then EOS padding to L
+    noisy, loss_at, p = semi_ar_process(ids, plen, 2, 1, 1e-3, block, g)
     masked = noisy == 2
-    seen_blocks = set()
+    seen_blocks, eos_blocks = set(), 0
     for i in range(B):
         off = torch.arange(L) - plen[i]
         m = masked[i]
         assert not m[off < 0].any()  # the prompt is never masked
-        first = int(off[m].min())  # something is masked: the answer (>= 50 tokens) has blocks after the drawn one
-        # the drawn block: where its masked slots (the loss positions) are; none masked: the block before `first`
+        # the drawn block: where its masked slots (the loss positions) are; none masked: the block before the
+        # first masked slot, or the answer's last block if nothing is masked
+        first = int(off[m].min()) if m.any() else int(L - plen[i]) + block - 1
         b = int(off[loss_at[i]].min()) // block if loss_at[i].any() else first // block - 1
-        assert loss_at[i].any() or first % block == 0
+        assert loss_at[i].any() or first % block == 0 or not m.any()
         seen_blocks.add(b)
+        if i < B - 8:
+            assert b * block <= content[i]  # a block of EOS padding alone is never drawn
+            eos_blocks += (int(L - plen[i]) - 1) // block > int(content[i]) // block  # this answer had some
+        else:
+            assert b * block < L - plen[i]  # no EOS: any block of the answer
         start, end = b * block, (b + 1) * block
         assert torch.equal(noisy[i][off < start], ids[i][off < start])  # earlier blocks clean
         assert m[off >= end].all()  # every later block masked
         assert torch.equal(loss_at[i], m & (off >= start) & (off < end))  # the loss: the block's masked slots
-    assert len(seen_blocks) > 3  # the block is drawn, not fixed
+    assert len(seen_blocks) > 3 and eos_blocks > 20  # the block is drawn, not fixed; the EOS rule was tested
     # the loss: sum over the block's masked slots of CE / (p * block), over B
     logits = torch.randn(B, L, 60)
     ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, L)
