@@ -122,8 +122,8 @@ def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id:
     (`<<a*b=c>>c`, and c is reused), so a small model learns to copy rather than compute, and fails when
     decoding reaches the first occurrence with everything after it masked. In these states everything
     after the block is masked, as in decoding. Attention stays full, as LLaDA was trained. A block of EOS
-    padding alone is not drawn: once the model has learnt to stop (within a few hundred steps) its loss is
-    0 and its forward is wasted, and with answers padded to the gen length that was ~43% of the draws.
+    padding alone is not drawn: once the model has learnt to stop, its loss there is 0 and the forward
+    would be wasted (answers are padded to the gen length, so such blocks are common).
 
     Returns noisy ids (B, L), the loss positions (B, L): the masked slots of block b, and p (B,).
     """
