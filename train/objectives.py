@@ -108,6 +108,14 @@ def clean_prefix_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: to
     return (ce * weight[at]).sum() / B
 
 
+def first_answer_eos(input_ids: torch.Tensor, prompt_lens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B,) the position of each row's first EOS after its prompt, or the last position if it has none."""
+    L = input_ids.shape[1]
+    pos = torch.arange(L, device=input_ids.device)[None]  # (1, L)
+    is_eos = (input_ids == eos_id) & (pos >= prompt_lens[:, None])
+    return torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(prompt_lens, L - 1))
+
+
 # ---- semi-autoregressive decoding states -----------------------------------------------------------
 
 def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eos_id: int, eps: float,
@@ -132,9 +140,7 @@ def semi_ar_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id:
     t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)
     p = (1 - eps) * t + eps  # (B,)
     offset = torch.arange(L, device=input_ids.device)[None] - prompt_lens[:, None]  # (B, L) answer offset
-    is_eos = (input_ids == eos_id) & (offset >= 0)
-    last = torch.where(is_eos, offset, L).min(1).values  # (B,) the first EOS's offset,
-    last = torch.minimum(last, L - 1 - prompt_lens)  # or the answer's last slot if it has none
+    last = first_answer_eos(input_ids, prompt_lens, eos_id) - prompt_lens  # (B,) answer offset of the first EOS
     n_blocks = last // block + 1  # (B,) the blocks that start at or before it
     b = (torch.rand(B, generator=generator, device=dev).to(input_ids.device) * n_blocks).long()  # (B,)
     u = torch.rand(B, L, generator=generator, device=dev).to(input_ids.device)
@@ -169,12 +175,8 @@ def decode_order_loss(logits: torch.Tensor, targets: torch.Tensor, loss_at: torc
 
 def causal_targets(input_ids: torch.Tensor, prompt_lens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Labels for next-token CE: answer tokens up to and including the first EOS, -100 elsewhere."""
-    B, L = input_ids.shape
-    pos = torch.arange(L, device=input_ids.device)[None]  # (1, L)
-    answer = pos >= prompt_lens[:, None]
-    is_eos = (input_ids == eos_id) & answer
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(prompt_lens, L - 1))
-    keep = answer & (pos <= first_eos[:, None])
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, L)
+    keep = (pos >= prompt_lens[:, None]) & (pos <= first_answer_eos(input_ids, prompt_lens, eos_id)[:, None])
     return torch.where(keep, input_ids, torch.full_like(input_ids, -100))
 
 
