@@ -1,6 +1,6 @@
 """The order in which vanilla LLaDA decoding commits a model's answer tokens, for training on the
 states that decoding actually visits (`decode_orders` / `decode_order_frac` in train/pretrain.py; the
-loss on them is train/objectives.py's `decode_order_loss`).
+loss on them is train/objectives.py's `mean_masked_ce`).
 
     python train/decode_orders.py --model testbed/teacher --n 640 --out runs/decode_orders.pt
 

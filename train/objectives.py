@@ -10,8 +10,9 @@ torch (plus `d2f.masks` for attention patterns): no accelerate, no config files,
   tokens weighted 1 / p, divided by the sample's answer length and averaged over the batch. Full attention.
 - Optional shares of a llada_sft batch train other states: `clean_prefix_frac` (every answer token from its
   clean prefix, `clean_prefix_layout`), `semi_ar_frac` (the states semi-autoregressive decoding visits,
-  `semi_ar_process`) and `decode_order_frac` (the states the model's own vanilla decoding visits,
-  `decode_order_loss` on train/decode_orders.py's DecodeStates). Each function's docstring says why.
+  `semi_ar_process`), `result_mask_frac` (GSM8K calculator results masked with every later occurrence,
+  `result_process`) and `decode_order_frac` (the states the model's own vanilla decoding visits,
+  `mean_masked_ce` on train/decode_orders.py's DecodeStates). Each function's docstring says why.
 - `causal` (`causal_targets` + `causal_loss`): next-token cross-entropy on the answer tokens up to and
   including the first EOS, for the same-architecture AR baseline.
 
@@ -19,6 +20,8 @@ torch (plus `d2f.masks` for attention patterns): no accelerate, no config files,
 in a fixed order) are part of what a checkpoint restores, so resumed runs see the same masks.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -162,10 +165,70 @@ def semi_ar_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: torch.T
     return (ce * weight[loss_at]).sum() / B
 
 
+# ---- calculator results masked with every later occurrence -------------------------------------------
+
+RESULT_GROUP_PROB = 0.5  # each calculator result (with its later occurrences) is masked with this probability
+RESULT_EXTRA_MASK_MAX = 0.2  # other answer tokens are masked with probability p ~ U(0, this)
+
+
+def number_spans(row: list[int], vocab_text: list[str]) -> list[tuple[int, int, str]]:
+    """(start, end, digits) of every number in a row of token ids: a token that is digits (optionally after
+    one space) and the bare-digit tokens that follow it."""
+    spans, i = [], 0
+    while i < len(row):
+        if re.fullmatch(r" ?[0-9]+", vocab_text[row[i]]):
+            j = i + 1
+            while j < len(row) and re.fullmatch(r"[0-9]+", vocab_text[row[j]]):
+                j += 1
+            spans.append((i, j, "".join(vocab_text[t] for t in row[i:j]).strip()))
+            i = j
+        else:
+            i += 1
+    return spans
+
+
+def result_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eos_id: int,
+                   vocab_text: list[str], generator: torch.Generator | None = None):
+    """States in which the model must compute GSM8K calculator results. A result is the number right after
+    the bare `=` of a `<<a*b=c>>` annotation; per sample, each result is masked with probability 1/2
+    (at least one per sample) together with every later occurrence of its number in the answer (its `>>c`
+    copy, its reuse as a later operand, the `#### c` line); every other answer token is masked with
+    probability p ~ U(0, 0.2). Full attention; the prompt is never masked.
+
+    Why: with everything before a result visible, a result and its copies masked is exactly what decoding
+    faces when it reaches a result, and the only state in which the result must be computed rather than
+    copied. Uniform masking makes one with probability ~E[p^2 (1-p)^4] ~ 0.01 per result (the result, its
+    copy and every later use masked, its operands not); here about one result per sample is.
+
+    Returns noisy ids (B, L) and the masked positions (B, L), the loss positions.
+    """
+    B, L = input_ids.shape
+    dev = generator.device if generator is not None else input_ids.device
+    ends = first_answer_eos(input_ids, prompt_lens, eos_id).tolist()
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    for r in range(B):
+        row, start, end = input_ids[r].tolist(), int(prompt_lens[r]), ends[r]
+        spans = [s for s in number_spans(row, vocab_text) if start <= s[0] <= end]
+        results = [s for s in spans if vocab_text[row[s[0] - 1]] == "="]
+        draw = torch.rand(len(results) + 2, generator=generator, device=dev).tolist()  # one per result, 2 more
+        chosen = [res for res, u in zip(results, draw) if u < RESULT_GROUP_PROB]
+        if not chosen and results:
+            chosen = [results[int(draw[-2] * len(results))]]
+        for first, _, value in chosen:
+            for s, e, v in spans:
+                if s >= first and v == value:
+                    masked[r, s:e] = True
+        u = torch.rand(L, generator=generator, device=dev)
+        masked[r, start:end + 1] |= u[start:end + 1] < draw[-1] * RESULT_EXTRA_MASK_MAX
+    masked = masked.to(input_ids.device)
+    return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
+
+
 # ---- the states the model's own vanilla decoding visits (train/decode_orders.py) ------------------
 
-def decode_order_loss(logits: torch.Tensor, targets: torch.Tensor, loss_at: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of the mean CE over the slots the step chooses among (loss_at, never empty)."""
+def mean_masked_ce(logits: torch.Tensor, targets: torch.Tensor, loss_at: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the mean CE over the sample's loss positions: for decoding states the slots the
+    step chooses among (never empty), for `result_process` the masked slots."""
     ce = torch.zeros(loss_at.shape, dtype=torch.float32, device=logits.device)
     ce[loss_at] = F.cross_entropy(logits[loss_at].float(), targets[loss_at], reduction="none")
     return (ce.sum(-1) / loss_at.sum(-1).clamp_min(1)).mean()
@@ -188,14 +251,15 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ---- one batch -------------------------------------------------------------------------------------
 
 def compute_loss(model, cfg, input_ids: torch.Tensor, prompt_lens: torch.Tensor, generator: torch.Generator,
-                 order_batch=None) -> torch.Tensor:
+                 order_batch=None, vocab_text: list[str] | None = None) -> torch.Tensor:
     """The batch's loss under `cfg` (a train/pretrain.py PretrainConfig: objective, mask_eps and the shares).
 
     llada_sft: the batch is the decoding states `order_batch` (DecodeStates.sample, `cfg.n_decode_states` of
     them) followed by the data samples input_ids (B_data, L): the first `n_prefix` clean-prefix samples,
-    then `n_semi` semi-autoregressive ones, the rest LLaDA SFT; each part is weighted by its share of the
-    batch. The parts draw from `generator` in a fixed order (LLaDA SFT, then semi-AR), which resuming
-    relies on. causal: next-token CE on the whole batch.
+    then `n_semi` semi-autoregressive ones, then `n_result` calculator-result ones, the rest LLaDA SFT; each
+    part is weighted by its share of the batch. The parts draw from `generator` in a fixed order (LLaDA
+    SFT, semi-AR, results), which resuming relies on. `vocab_text` (each token id's text) is needed when
+    `cfg.result_mask_frac` > 0. causal: next-token CE on the whole batch.
     """
     mcfg = model.config if hasattr(model, "config") else model.module.config
     if cfg.objective == "llada_sft":
@@ -206,20 +270,26 @@ def compute_loss(model, cfg, input_ids: torch.Tensor, prompt_lens: torch.Tensor,
         B = input_ids.shape[0] + n_order
         n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, then n_semi, the rest LLaDA SFT
         n_semi = round(B * cfg.semi_ar_frac)
+        n_result = round(B * cfg.result_mask_frac)
+        n_before = n_prefix + n_semi + n_result  # data samples before the LLaDA SFT ones
         loss = input_ids.new_zeros((), dtype=torch.float32)
         if n_order > 0:
             x, pos, pattern, loss_at, targets = order_batch
-            loss = loss + decode_order_loss(model(x, pos, mask=pattern), targets, loss_at) * n_order / B
-        if n_order + n_prefix + n_semi < B:
-            ids, plen = input_ids[n_prefix + n_semi:], prompt_lens[n_prefix + n_semi:]
+            loss = loss + mean_masked_ce(model(x, pos, mask=pattern), targets, loss_at) * n_order / B
+        if n_order + n_before < B:
+            ids, plen = input_ids[n_before:], prompt_lens[n_before:]
             noisy, masked, p = forward_process(ids, plen, mcfg.mask_token_id, cfg.mask_eps, generator)
-            n_sft = B - n_order - n_prefix - n_semi
+            n_sft = B - n_order - n_before
             loss = loss + llada_sft_loss(model(noisy), ids, masked, p, plen) * n_sft / B
         if n_semi > 0:
             ids, plen = input_ids[n_prefix:n_prefix + n_semi], prompt_lens[n_prefix:n_prefix + n_semi]
             noisy, loss_at, p = semi_ar_process(ids, plen, mcfg.mask_token_id, mcfg.eos_token_id, cfg.mask_eps,
                                                 cfg.semi_ar_block, generator)
             loss = loss + semi_ar_loss(model(noisy), ids, loss_at, p, cfg.semi_ar_block) * n_semi / B
+        if n_result > 0:
+            ids, plen = input_ids[n_prefix + n_semi:n_before], prompt_lens[n_prefix + n_semi:n_before]
+            noisy, masked = result_process(ids, plen, mcfg.mask_token_id, mcfg.eos_token_id, vocab_text, generator)
+            loss = loss + mean_masked_ce(model(noisy), ids, masked) * n_result / B
         if n_prefix > 0:
             ids, plen = input_ids[:n_prefix], prompt_lens[:n_prefix]
             both, pos, attn, loss_at = clean_prefix_layout(ids, plen, mcfg.mask_token_id)

@@ -69,7 +69,8 @@ class DataSpec:
 # what a resumed run must share with its checkpoint; the rest may change (run length, logging, and the
 # optimizer settings, which are applied to the restored optimizer and schedule)
 RESUME_FIXED = ("objective", "tokenizer", "model", "data", "batch_size", "seed", "mask_eps", "clean_prefix_frac",
-                "decode_orders", "decode_order_frac", "semi_ar_frac", "semi_ar_block", "mixed_precision")
+                "decode_orders", "decode_order_frac", "semi_ar_frac", "semi_ar_block", "result_mask_frac",
+                "mixed_precision")
 
 
 @dataclass
@@ -94,6 +95,7 @@ class PretrainConfig:
     decode_order_frac: float = 0.0  # llada_sft: share of each batch trained on those states
     semi_ar_frac: float = 0.0  # llada_sft: share of each batch in semi-autoregressive decoding states (full attention)
     semi_ar_block: int = 32  # llada_sft: the block length of those states (vanilla decoding's block size)
+    result_mask_frac: float = 0.0  # llada_sft: share of each batch with GSM8K calculator results masked
     seed: int = 0
     mixed_precision: str = "no"  # passed to accelerate: no | bf16 | fp16
     num_threads: int = 0  # torch.set_num_threads when > 0 (CPU runs sharing cores)
@@ -143,27 +145,29 @@ class PretrainConfig:
             raise ConfigError(f"mixed_precision {self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
         if not 0 < self.mask_eps < 1:
             raise ConfigError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
-        for name in ("clean_prefix_frac", "decode_order_frac", "semi_ar_frac"):
+        shares = ("clean_prefix_frac", "decode_order_frac", "semi_ar_frac", "result_mask_frac")
+        for name in shares:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.clean_prefix_frac + self.decode_order_frac + self.semi_ar_frac > 1:
-            raise ConfigError(f"clean_prefix_frac + decode_order_frac + semi_ar_frac must be <= 1 (shares of one "
-                             f"batch), got {self.clean_prefix_frac} + {self.decode_order_frac} + {self.semi_ar_frac}")
+        if sum(getattr(self, name) for name in shares) > 1:
+            raise ConfigError(f"{' + '.join(shares)} must be <= 1 (shares of one batch), got "
+                              f"{' + '.join(str(getattr(self, name)) for name in shares)}")
         if self.semi_ar_block <= 0:
             raise ConfigError(f"semi_ar_block must be > 0, got {self.semi_ar_block}")
         n_order, n_prefix = self.n_decode_states, round(self.batch_size * self.clean_prefix_frac)
-        n_semi = round(self.batch_size * self.semi_ar_frac)
-        if n_order + n_prefix + n_semi > self.batch_size:  # each share is rounded on its own
-            raise ConfigError(f"decode_order_frac, clean_prefix_frac and semi_ar_frac round to {n_order} + {n_prefix} "
-                             f"+ {n_semi} samples, more than batch_size={self.batch_size}; lower one of them")
+        n_semi, n_result = round(self.batch_size * self.semi_ar_frac), round(self.batch_size * self.result_mask_frac)
+        if n_order + n_prefix + n_semi + n_result > self.batch_size:  # each share is rounded on its own
+            raise ConfigError(f"{', '.join(shares)} round to {n_prefix} + {n_order} + {n_semi} + {n_result} samples, "
+                             f"more than batch_size={self.batch_size}; lower one of them")
         if n_order >= self.batch_size:
             raise ConfigError(f"decode_order_frac={self.decode_order_frac} leaves no data samples in a batch of "
                              f"{self.batch_size}; lower it")
         if self.decode_order_frac > 0 and n_order == 0:
             raise ConfigError(f"decode_order_frac={self.decode_order_frac} rounds to 0 decoding states in a batch of "
                              f"{self.batch_size}; raise it to at least {1 / self.batch_size:.3g} or set it to 0")
-        if self.semi_ar_frac > 0 and self.objective != "llada_sft":
-            raise ConfigError(f"semi_ar_frac > 0 needs objective llada_sft, got objective {self.objective!r}")
+        for name in ("semi_ar_frac", "result_mask_frac"):
+            if getattr(self, name) > 0 and self.objective != "llada_sft":
+                raise ConfigError(f"{name} > 0 needs objective llada_sft, got objective {self.objective!r}")
         if self.decode_order_frac > 0 and (self.objective != "llada_sft" or not self.decode_orders):
             raise ConfigError("decode_order_frac > 0 needs objective llada_sft and a decode_orders file "
                              "(python train/decode_orders.py --model <teacher> --n <problems> --out <file>)")
@@ -242,6 +246,15 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
 
 
 # ---- setup ---------------------------------------------------------------------------------------
+
+def calculator_vocab(tokenizer, name: str) -> list[str]:
+    """Each token id's text, for result_mask_frac's states, which find `<<a*b=c>>` results by token text."""
+    vocab_text = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    if "=" not in vocab_text or not any(t.isdigit() for t in vocab_text):
+        raise ConfigError(f"result_mask_frac > 0 needs a tokenizer with a bare '=' token and digit tokens (GSM8K "
+                          f"calculator annotations, <<a*b=c>>); tokenizer {name!r} has none: set result_mask_frac=0")
+    return vocab_text
+
 
 def model_config(cfg: PretrainConfig, tokenizer) -> ModelConfig:
     m = cfg.model
@@ -334,6 +347,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     data = load_data(cfg, tokenizer)
     order = EpochPermutations(len(data), cfg.seed)
     states = build_decode_states(cfg, data, tokenizer) if cfg.decode_order_frac > 0 else None
+    vocab_text = calculator_vocab(tokenizer, cfg.tokenizer) if cfg.result_mask_frac > 0 else None
     model = build_model(model_config(cfg, tokenizer), seed=cfg.seed)
     optimizer, scheduler = make_optimizer(cfg, model)
     # the masks are drawn from a generator of our own (one stream per process), saved in every checkpoint
@@ -374,7 +388,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         order_batch = states.sample(n_order, generators["mask"], accelerator.device) if states is not None else None
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         with accelerator.autocast():
-            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], order_batch)
+            loss = compute_loss(model, cfg, input_ids, prompt_lens, generators["mask"], order_batch, vocab_text)
         accelerator.backward(loss)
         grad_norm = optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg.grad_clip)
         step += 1

@@ -113,13 +113,13 @@ def orders_file(tok_dir, tmp_path_factory):
 def states_loss(model, cfg, tok_dir, orders_file) -> float:
     """The decode-order loss on 16 fixed states."""
     from d2f.data.tokenizer import load_tokenizer
-    from train.objectives import decode_order_loss
+    from train.objectives import mean_masked_ce
     from train.pretrain import build_dataset, build_decode_states
     tok = load_tokenizer(tok_dir)
     states = build_decode_states(cfg, build_dataset(cfg, tok), tok)
     x, pos, pattern, at, targets = states.sample(16, torch.Generator().manual_seed(5))
     with torch.no_grad():
-        return float(decode_order_loss(model.eval()(x, pos, mask=pattern), targets, at))
+        return float(mean_masked_ce(model.eval()(x, pos, mask=pattern), targets, at))
 
 
 def test_training_on_decode_states_lowers_their_loss_and_resumes_exactly(tok_dir, orders_file, tmp_path):
@@ -152,7 +152,7 @@ def test_compute_loss_weights_the_three_parts_by_their_shares(tok_dir, orders_fi
     2/8, 2/8 and 4/8 of each part's own loss, and the SFT masks come from the generator after the states'."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import from_pretrained
-    from train.objectives import (clean_prefix_layout, clean_prefix_loss, compute_loss, decode_order_loss,
+    from train.objectives import (clean_prefix_layout, clean_prefix_loss, compute_loss, mean_masked_ce,
                                   forward_process, llada_sft_loss)
     from train.pretrain import build_dataset, build_decode_states, collate
     cfg = tiny_cfg(tok_dir, "unused", "llada_sft", decode_orders=orders_file, decode_order_frac=0.25,
@@ -166,7 +166,7 @@ def test_compute_loss_weights_the_three_parts_by_their_shares(tok_dir, orders_fi
     got = float(compute_loss(model, cfg, ids, plen, g, order_batch))
 
     x, pos, pattern, at, targets = order_batch
-    part_order = float(decode_order_loss(model(x, pos, mask=pattern), targets, at))
+    part_order = float(mean_masked_ce(model(x, pos, mask=pattern), targets, at))
     both, bpos, attn, loss_at = clean_prefix_layout(ids[:2], plen[:2], tok.mask_token_id)
     part_prefix = float(clean_prefix_loss(model(both, bpos, mask=attn), ids[:2], loss_at, plen[:2]))
     g2 = torch.Generator().manual_seed(7)
@@ -200,10 +200,11 @@ def test_two_processes_draw_their_own_states_and_resume_exactly(tok_dir, orders_
 def test_decode_order_config_errors(tok_dir, orders_file, tmp_path):
     with pytest.raises(ValueError, match="needs objective llada_sft and a decode_orders file"):
         train(tiny_cfg(tok_dir, tmp_path / "a", "llada_sft", decode_order_frac=0.5, clean_prefix_frac=0))
-    with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac \+ semi_ar_frac must be <= 1"):
+    with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac \+ semi_ar_frac \+ result_mask_frac "
+                                         r"must be <= 1"):
         train(tiny_cfg(tok_dir, tmp_path / "b", "llada_sft", decode_orders=orders_file, decode_order_frac=0.5,
                        clean_prefix_frac=0.75))
-    with pytest.raises(ValueError, match=r"round to 2 \+ 2 \+ 0 samples, more than batch_size=3"):
+    with pytest.raises(ValueError, match=r"round to 2 \+ 2 \+ 0 \+ 0 samples, more than batch_size=3"):
         train(tiny_cfg(tok_dir, tmp_path / "g", "llada_sft", decode_orders=orders_file, decode_order_frac=0.5,
                        clean_prefix_frac=0.5, batch_size=3))  # each share rounds 1.5 up
     with pytest.raises(ValueError, match="decode_order_frac=0.1 rounds to 0 decoding states in a batch of 4"):

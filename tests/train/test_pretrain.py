@@ -244,26 +244,31 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("objective", ["llada_sft", "causal"])
+RESULTS = {"clean_prefix_frac": 0, "semi_ar_frac": 0.25, "result_mask_frac": 0.5}  # every part of the bidir recipe
+
+
+@pytest.mark.parametrize("objective", ["llada_sft", "causal", "results"])
 def test_kill_and_resume_is_exact(tok_dir, tmp_path, objective):
-    full = train(tiny_cfg(tok_dir, tmp_path / "full", objective, max_steps=10))["losses"]
+    kw = RESULTS if objective == "results" else {}  # results: the masks drawn per calculator result resume too
+    objective = "llada_sft" if objective == "results" else objective
+    full = train(tiny_cfg(tok_dir, tmp_path / "full", objective, max_steps=10, **kw))["losses"]
 
     def kill_at_6(step, loss):
         if step == 6:  # the last checkpoint is step 4: steps 5 and 6 are lost and must be redone
             raise Killed
     with pytest.raises(Killed):
-        train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10), on_step=kill_at_6)
+        train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10, **kw), on_step=kill_at_6)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
     # a stopped run can be shipped from its checkpoint
     ckpt = tmp_path / "cut" / "checkpoint-4"
-    export_checkpoint(tiny_cfg(tok_dir, tmp_path / "cut", objective), ckpt, tmp_path / "exported")
+    export_checkpoint(tiny_cfg(tok_dir, tmp_path / "cut", objective, **kw), ckpt, tmp_path / "exported")
     saved = from_pretrained(ckpt).state_dict()
     exported = from_pretrained(tmp_path / "exported").state_dict()
     assert all(torch.equal(saved[k], exported[k]) for k in saved)
 
     with pytest.raises(ConfigError, match="already holds checkpoints and resume=none"):
-        train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10, resume="none"))  # never overwrites
-    resumed = train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10))
+        train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10, resume="none", **kw))  # never overwrites
+    resumed = train(tiny_cfg(tok_dir, tmp_path / "cut", objective, max_steps=10, **kw))
     assert resumed["step"] == 10
     assert resumed["losses"] == full[4:]  # bit-identical continuation
     a = from_pretrained(tmp_path / "full").state_dict()
@@ -281,6 +286,13 @@ def test_config_errors(tmp_path):
         train(cfg)
     cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", ["clean_prefix_frac=1.5"])
     with pytest.raises(ValueError, match="clean_prefix_frac must be in"):
+        train(cfg)
+    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir.yaml", ["result_mask_frac=0.5"])
+    with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac \+ semi_ar_frac \+ result_mask_frac "
+                       r"must be <= 1 \(shares of one batch\), got 0.0 \+ 0.0 \+ 0.75 \+ 0.5"):
+        train(cfg)
+    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_ar.yaml", ["result_mask_frac=0.5"])
+    with pytest.raises(ValueError, match="result_mask_frac > 0 needs objective llada_sft, got objective 'causal'"):
         train(cfg)
 
 
@@ -367,6 +379,66 @@ def test_semi_ar_process_masks_one_partial_block_and_everything_after_it():
     assert float(semi_ar_loss(logits, ids, loss_at, p, block)) == pytest.approx(want, rel=1e-5)
 
 
+def test_result_process_masks_whole_calculator_results_and_their_later_occurrences(tok_dir, monkeypatch):
+    """Each sample: the prompt clean; at least one calculator result masked, each with every later occurrence
+    of its number; about half of the results masked; with the extra masking off, nothing else masked."""
+    import re
+    import train.objectives as O
+    from d2f.data.tokenizer import load_tokenizer, encode_problems
+    from train.pretrain import calculator_vocab
+    tok = load_tokenizer(tok_dir)
+    vocab = calculator_vocab(tok, tok_dir)
+    probs = make_problems("train", 64, seed=3)
+    ids, plen = collate(encode_problems(probs, tok, 128), eos_id=1)
+    monkeypatch.setattr(O, "RESULT_EXTRA_MASK_MAX", 0.0)
+    noisy, masked = O.result_process(ids, plen, 2, 1, vocab, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, torch.where(masked, torch.full_like(ids, 2), ids))
+    n_results = n_chosen = 0
+    for i, pr in enumerate(probs):
+        m = masked[i]
+        assert not m[:plen[i]].any()
+        spans = O.number_spans(ids[i].tolist(), vocab)
+        answer = [s for s in spans if s[0] >= plen[i]]
+        assert [v for _, _, v in answer] == re.findall(r"[0-9]+", pr["answer"])  # every number, whole
+        results = [s for s in answer if tok.decode([int(ids[i, s[0] - 1])]) == "="]
+        chosen = {v for s, e, v in results if m[s:e].all()}
+        assert chosen and len(results) >= 2  # at least one result masked; the problems have 2-4 steps
+        first = {v: min(s for s, _, w in results if w == v) for v in chosen}
+        want = torch.zeros_like(m)
+        for s, e, v in answer:
+            if v in chosen and s >= first[v]:
+                want[s:e] = True
+        assert torch.equal(m, want)  # exactly the chosen results and their later occurrences
+        n_results, n_chosen = n_results + len(results), n_chosen + len(chosen)
+    assert 0.4 < n_chosen / n_results < 0.75  # ~1/2 each, and at least one per sample
+    # the extra masking: other answer tokens too, never the prompt
+    monkeypatch.setattr(O, "RESULT_EXTRA_MASK_MAX", 0.2)
+    _, masked = O.result_process(ids, plen, 2, 1, vocab, torch.Generator().manual_seed(0))
+    assert masked.sum() > want.sum() and all(not masked[i, :plen[i]].any() for i in range(len(probs)))
+
+
+def test_result_share_of_the_batch_is_mean_masked_ce_on_result_states(tok_dir):
+    """compute_loss with result_mask_frac=1: the whole batch is result states, scored by mean_masked_ce, drawn
+    from the recipe's generator; a tokenizer without '=' is refused in one line."""
+    from d2f.data.tokenizer import load_tokenizer
+    from d2f.models import build_model
+    from train.objectives import compute_loss, mean_masked_ce, result_process
+    from train.pretrain import build_dataset, calculator_vocab, model_config
+    cfg = tiny_cfg(tok_dir, "unused", "llada_sft", clean_prefix_frac=0, result_mask_frac=1.0)
+    tok = load_tokenizer(tok_dir)
+    vocab = calculator_vocab(tok, tok_dir)
+    model = build_model(model_config(cfg, tok), seed=0).eval()
+    ids, plen = collate(build_dataset(cfg, tok)[:8], eos_id=1)
+    with torch.no_grad():
+        got = compute_loss(model, cfg, ids, plen, torch.Generator().manual_seed(7), vocab_text=vocab)
+        noisy, masked = result_process(ids, plen, 2, 1, vocab, torch.Generator().manual_seed(7))
+        want = mean_masked_ce(model(noisy), ids, masked)
+    assert float(got) == pytest.approx(float(want), rel=1e-6) and float(got) > 0
+    words = type("Words", (), {"decode": lambda self, t: ["<pad>", "a", "b"][t[0]], "__len__": lambda self: 3})()
+    with pytest.raises(ConfigError, match="tokenizer 'words' has none: set result_mask_frac=0"):
+        calculator_vocab(words, "words")
+
+
 class FullAttentionOnly(torch.nn.Module):
     """Wraps a model and fails on any forward that is not full attention (no pattern, or a "full" one)."""
 
@@ -382,14 +454,14 @@ class FullAttentionOnly(torch.nn.Module):
         return self.model(x, position_ids, mask=mask, **kw)
 
 
-@pytest.mark.parametrize("config", ["testbed_teacher_bidir.yaml"])
+@pytest.mark.parametrize("config", ["testbed_teacher_bidir.yaml", "testbed_teacher_bidir_results.yaml"])
 def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
     """The bidirectional teacher's configs: the model is not causal, and every forward of the objective
     (LLaDA SFT and semi-autoregressive states) attends fully, as LLaDA and Dream were trained."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import build_model
     from train.objectives import compute_loss
-    from train.pretrain import build_dataset, model_config
+    from train.pretrain import build_dataset, calculator_vocab, model_config
     cfg = load_config(PretrainConfig, REPO / "configs" / config, [f"tokenizer={tok_dir}", "data.num_problems=16"])
     assert cfg.objective == "llada_sft" and cfg.clean_prefix_frac == 0
     tok = load_tokenizer(tok_dir)
@@ -400,8 +472,10 @@ def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
     assert not model.config.is_causal
     wrapped = FullAttentionOnly(model)
     ids, plen = collate(build_dataset(small, tok)[:small.batch_size], eos_id=1)
-    loss = compute_loss(wrapped, small, ids, plen, torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and len(wrapped.kinds) == 2  # the SFT part and the semi-AR part
+    vocab = calculator_vocab(tok, tok_dir) if small.result_mask_frac > 0 else None
+    loss = compute_loss(wrapped, small, ids, plen, torch.Generator().manual_seed(0), vocab_text=vocab)
+    parts = [small.semi_ar_frac, small.result_mask_frac, 1 - small.semi_ar_frac - small.result_mask_frac]
+    assert torch.isfinite(loss) and len(wrapped.kinds) == sum(f > 0 for f in parts)  # one forward per part
     # the check can fail: the clean-prefix term of the old teacher recipe is not full attention
     old = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml",
                       [f"tokenizer={tok_dir}", "data.num_problems=16", "model.hidden_size=32", "model.num_layers=1",
