@@ -11,7 +11,7 @@
 # runs/testbed_{ar,teacher,teacher_orders,teacher_orders256} and resume from their newest checkpoint when interrupted
 # (resume=auto), so re-running this script continues where it stopped. Extra arguments are key=value
 # overrides for the four pretraining runs.
-# The model cards (testbed/*/README.md) are kept; update their numbers from runs/testbed_eval_*.json.
+# The model cards (testbed/*/README.md) are kept; update their numbers from runs/testbed_eval_*/summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -71,11 +71,11 @@ if [ -f testbed/student/README.md ]; then cp testbed/student/README.md testbed/s
 rm -rf testbed/student && mv testbed/student.tmp testbed/student
 
 echo "== accuracy on the 500 held-out testbed problems"
-$PY scripts/eval_testbed.py --model testbed/ar --mode ar --gen 128 --limit 500 --threads "$THREADS" \
-    | tee runs/testbed_eval_ar.json
-$PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 128 --block 32 --steps 128 \
-    --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher.json
-$PY scripts/eval_testbed.py --model testbed/teacher --mode vanilla --gen 256 --block 32 --steps 256 \
-    --limit 500 --threads "$THREADS" | tee runs/testbed_eval_teacher_gen256.json
+$PY -m infer.eval --model testbed/ar --mode ar --max-new-tokens 128 \
+    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_ar
+$PY -m infer.eval --model testbed/teacher --mode vanilla --max-new-tokens 128 --block-size 32 --steps 128 \
+    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher
+$PY -m infer.eval --model testbed/teacher --mode vanilla --max-new-tokens 256 --block-size 32 --steps 256 \
+    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher_gen256
 $PY -m infer.eval --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 --tau-act 0.95 --tau-conf 0.99 \
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_student
