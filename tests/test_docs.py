@@ -80,6 +80,8 @@ RUN = {
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/ar")],
     "python train/pretrain.py --config configs/testbed_teacher_bidir.yaml":
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/bidir")],
+    "python train/pretrain.py --config configs/testbed_teacher_bidir_results.yaml":  # from a shipped dLLM in CI
+        [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/results init_from=testbed/teacher")],
     "python train/decode_orders.py --model runs/testbed_teacher_bidir --n 640 --out runs/decode_orders_bidir.pt":
         [("runs/testbed_teacher_bidir", "testbed/teacher"), ("--n 640", "--n 2"),
          ("runs/decode_orders_bidir.pt", "{tmp}/ob.pt")],
