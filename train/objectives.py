@@ -169,6 +169,8 @@ def semi_ar_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_at: torch.T
 
 RESULT_GROUP_PROB = 0.5  # each calculator result (with its later occurrences) is masked with this probability
 RESULT_EXTRA_MASK_MAX = 0.2  # other answer tokens are masked with probability p ~ U(0, this)
+DIGITS = re.compile(r"[0-9]+")  # a token that continues a number
+NUMBER_START = re.compile(r" ?[0-9]+")  # a token that can start one
 
 
 def number_spans(row: list[int], vocab_text: list[str]) -> list[tuple[int, int, str]]:
@@ -176,9 +178,9 @@ def number_spans(row: list[int], vocab_text: list[str]) -> list[tuple[int, int, 
     one space) and the bare-digit tokens that follow it."""
     spans, i = [], 0
     while i < len(row):
-        if re.fullmatch(r" ?[0-9]+", vocab_text[row[i]]):
+        if NUMBER_START.fullmatch(vocab_text[row[i]]):
             j = i + 1
-            while j < len(row) and re.fullmatch(r"[0-9]+", vocab_text[row[j]]):
+            while j < len(row) and DIGITS.fullmatch(vocab_text[row[j]]):
                 j += 1
             spans.append((i, j, "".join(vocab_text[t] for t in row[i:j]).strip()))
             i = j
@@ -268,7 +270,7 @@ def compute_loss(model, cfg, input_ids: torch.Tensor, prompt_lens: torch.Tensor,
             model = lambda *a, **k: shift_logits(net(*a, **k))  # noqa: E731
         n_order = 0 if order_batch is None else order_batch[0].shape[0]
         B = input_ids.shape[0] + n_order
-        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, then n_semi, the rest LLaDA SFT
+        n_prefix = round(B * cfg.clean_prefix_frac)  # the first n data samples, then n_semi, n_result, LLaDA SFT
         n_semi = round(B * cfg.semi_ar_frac)
         n_result = round(B * cfg.result_mask_frac)
         n_before = n_prefix + n_semi + n_result  # data samples before the LLaDA SFT ones

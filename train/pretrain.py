@@ -43,7 +43,7 @@ from train.checkpoint import save_checkpoint
 from train.decode_orders import DecodeStates, load_decode_orders
 from train.loop import (RunLog, checkpoint_due, find_resume, finish, make_accelerator, optimizer_step, resume,
                         time_up, write_run_config)
-from train.objectives import OBJECTIVES, compute_loss
+from train.objectives import DIGITS, OBJECTIVES, compute_loss
 from train.schedule import warmup_then_decay
 
 
@@ -250,7 +250,7 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
 def calculator_vocab(tokenizer, name: str) -> list[str]:
     """Each token id's text, for result_mask_frac's states, which find `<<a*b=c>>` results by token text."""
     vocab_text = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-    if "=" not in vocab_text or not any(t.isdigit() for t in vocab_text):
+    if "=" not in vocab_text or not any(DIGITS.fullmatch(t) for t in vocab_text):  # number_spans' digits
         raise ConfigError(f"result_mask_frac > 0 needs a tokenizer with a bare '=' token and digit tokens (GSM8K "
                           f"calculator annotations, <<a*b=c>>); tokenizer {name!r} has none: set result_mask_frac=0")
     return vocab_text

@@ -457,7 +457,8 @@ class FullAttentionOnly(torch.nn.Module):
 @pytest.mark.parametrize("config", ["testbed_teacher_bidir.yaml", "testbed_teacher_bidir_results.yaml"])
 def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
     """The bidirectional teacher's configs: the model is not causal, and every forward of the objective
-    (LLaDA SFT and semi-autoregressive states) attends fully, as LLaDA and Dream were trained."""
+    (LLaDA SFT, semi-autoregressive and calculator-result states) attends fully, as LLaDA and Dream were
+    trained."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import build_model
     from train.objectives import compute_loss
