@@ -411,7 +411,7 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help=f"comma-separated from {SHAPES} (default: the 8B/7B shapes on "
@@ -431,8 +431,53 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dir", default="outputs/bench")
     ap.add_argument("--record", action="store_true", help="re-record --traces from the testbed models and exit")
     ap.add_argument("--record-problems", type=int, default=8)
-    args = ap.parse_args(argv)
+    return ap
 
+
+def bench_shape(shape: str, args, trace: dict, modes, backends, batches, device, dtype, gbps: float, add) -> None:
+    """Every row of one model shape; `add(row)` records each row as soon as it is measured."""
+    t_shape = time.perf_counter()
+    model = random_model(shape, device, dtype)
+    floor_ms = 1e3 * weight_bytes(model) / (gbps * 1e9)
+    ar_model = share_weights(model, causal=True) if ("ar" in modes or not args.no_hf) else None
+    n_max = min(len(trace["modes"][m]["samples"]) for m in modes)
+    for b in batches:
+        n = min(args.samples_b1 if b == 1 else args.samples, n_max)
+        for name in modes:
+            m = ar_model if name == "ar" else model
+            paths = list(backends) if name == "d2f" else [None]
+            if not args.no_static and name != "vanilla":  # vanilla has no cache: nothing to make static
+                paths.append("static")
+            for be in paths:
+                try:
+                    row = run_mode(m, trace, name, b, n, args.prompt_len, be)
+                    row["x_floor"] = row["step_ms"] / floor_ms
+                except Exception as e:  # one backend failing must not lose the rest of the run
+                    row = {"mode": name, "backend": be or "sdpa", "batch": b,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                add({"shape": shape, **row})
+                print(f"{shape} {name} {row['backend']} b{b}: " +
+                      (row["error"] if "error" in row else
+                       f"{row['tokens_per_s']:.1f} tok/s, {row['step_ms']:.2f} ms/forward, "
+                       f"NFE {row['nfe']:.1f}, replay {row['replay_ok']}"), file=sys.stderr, flush=True)
+        if not args.no_hf:
+            try:
+                row = run_hf_generate(ar_model, trace, b, n, args.prompt_len)
+                row["x_floor"] = row["step_ms"] / floor_ms
+            except Exception as e:
+                row = {"mode": "hf-generate", "backend": "transformers", "batch": b,
+                       "error": f"{type(e).__name__}: {e}"}
+            add({"shape": shape, **row})
+            print(f"{shape} hf-generate b{b}: {row.get('tokens_per_s', row.get('error'))}", file=sys.stderr)
+    print(f"{shape}: {time.perf_counter() - t_shape:.0f} s, weights {weight_bytes(model) / 1e9:.2f} GB, "
+          f"floor {floor_ms:.3f} ms", file=sys.stderr)
+    del model, ar_model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.record:
         record(Path(args.traces), args.record_problems)
         print(f"wrote {args.traces}")
@@ -456,7 +501,6 @@ def main(argv=None) -> int:
     if not path.is_file():
         raise UserError(f"no trace file {str(path)!r}; record one with `python -m infer.bench --record`")
     trace = json.loads(path.read_text())
-    n_max = min(len(trace["modes"][m]["samples"]) for m in modes)
 
     gbps = copy_gbps(device, 2 ** 30 if device.startswith("cuda") else 2 ** 26)
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
@@ -466,56 +510,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
 
-    def save():  # after every row, so an interrupted run keeps what it measured
+    def add(row: dict):  # saved after every row, so an interrupted run keeps what it measured
+        rows.append(row)
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     for shape in shapes:
-        t_shape = time.perf_counter()
-        model = random_model(shape, device, dtype)
-        floor_ms = 1e3 * weight_bytes(model) / (gbps * 1e9)
-        ar_model = share_weights(model, causal=True) if ("ar" in modes or not args.no_hf) else None
-        for b in batches:
-            n = min(args.samples_b1 if b == 1 else args.samples, n_max)
-            for name in modes:
-                m = ar_model if name == "ar" else model
-                paths = list(backends) if name == "d2f" else [None]
-                if not args.no_static and name != "vanilla":  # vanilla has no cache: nothing to make static
-                    paths.append("static")
-                for be in paths:
-                    try:
-                        row = run_mode(m, trace, name, b, n, args.prompt_len, be)
-                    except Exception as e:  # one backend failing must not lose the rest of the run
-                        row = {"mode": name, "backend": be or "sdpa", "batch": b,
-                               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-                    rows.append({"shape": shape, **row})
-                    row = rows[-1]
-                    if "error" not in row:
-                        row["x_floor"] = row["step_ms"] / floor_ms
-                    save()
-                    print(f"{shape} {name} {row['backend']} b{b}: " +
-                          (row["error"] if "error" in row else
-                           f"{row['tokens_per_s']:.1f} tok/s, {row['step_ms']:.2f} ms/forward, "
-                           f"NFE {row['nfe']:.1f}, replay {row['replay_ok']}"), file=sys.stderr, flush=True)
-            if not args.no_hf:
-                try:
-                    row = run_hf_generate(ar_model, trace, b, n, args.prompt_len)
-                    row["x_floor"] = row["step_ms"] / floor_ms
-                except Exception as e:
-                    row = {"mode": "hf-generate", "backend": "transformers", "batch": b,
-                           "error": f"{type(e).__name__}: {e}"}
-                rows.append({"shape": shape, **row})
-                save()
-                print(f"{shape} hf-generate b{b}: {row.get('tokens_per_s', row.get('error'))}", file=sys.stderr)
-        print(f"{shape}: {time.perf_counter() - t_shape:.0f} s, weights {weight_bytes(model) / 1e9:.2f} GB, "
-              f"floor {floor_ms:.3f} ms", file=sys.stderr)
-        del model, ar_model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        bench_shape(shape, args, trace, modes, backends, batches, device, dtype, gbps, add)
 
-    table = markdown(rows)
-    summary = ratios(rows)
-    save()
     text = (f"device {meta['device']}, {meta['dtype']}, torch {meta['torch']}, copy {gbps:.0f} GB/s, "
-            f"{meta['date']}\n\n{table}\n\n" + "\n".join(summary) + "\n")
+            f"{meta['date']}\n\n{markdown(rows)}\n\n" + "\n".join(ratios(rows)) + "\n")
     (out / "results.md").write_text(text)
     print(text)
     bad = [r for r in rows if r.get("replay_ok") is False]

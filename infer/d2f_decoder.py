@@ -109,7 +109,10 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     windows: "union" forwards one window for the batch, the union of the samples' windows (any
     attention backend, static shapes); "rows" forwards each sample's own window (`forward_rows`: SDPA
     with a per-sample mask), which is what pays when samples are at different stages, as in a server's
-    batch. Both compute the same thing; `use_cache=False` needs "union"."""
+    batch. Both compute the same thing; `use_cache=False` needs "union".
+
+    The loop is longer than most functions here because its state lives across `yield`s; its forward
+    (`_predict`) and the block-state update (`_advance_blocks`) are functions of their own."""
     if windows not in ("union", "rows"):
         raise ValueError(f"windows must be 'union' or 'rows', got {windows!r}")
     if windows == "rows" and not use_cache:
@@ -123,12 +126,11 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     pattern = block_causal(batch.prompt_len, Bs, batch.key_valid)
 
     while True:
-        P, L = batch.prompt_len, batch.x.shape[1]
+        P, L, G = batch.prompt_len, batch.x.shape[1], batch.gen_len
         B, NB = rows.added.shape
         added, full_act, finished, active = rows.added, rows.full_act, rows.finished, rows.active
         # ---- 1. forward the in-flight windows -------------------------------------------------
         n_added = added.sum(-1)  # (B,)
-        hi_row = P + n_added * Bs  # (B,) end of each sample's window
         # One read of the device's state per step (a host sync): is any sample decoding, and the
         # window bounds. Everything else stays on the device.
         decoding, lo, top, n_new = torch.stack([active.any().long(), torch.where(active, rows.exact_end, L).min(),
@@ -137,44 +139,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         if not decoding:
             return
         lo = lo if use_cache else 0
-        hi = P + top * Bs
-        G = batch.gen_len
-        parts = []  # (rows a..b, their answer indices (b-a, T), tokens, confidences)
-        if windows == "rows":
-            # Each sample forwards [its exact end, its window end); a sample that just joined (at the end of
-            # the batch), [0, window end): its prompt is not cached yet. Those go in a forward of their own,
-            # so their long windows do not widen everybody's.
-            shift = model.config.logits_shift
-            for a, b in [(0, B)] if n_new in (0, B) else [(0, B - n_new), (B - n_new, B)]:
-                end, act = rows.exact_end[a:b], active[a:b]
-                starts = torch.where(end >= P, end - shift, 0)
-                width = int(torch.where(act, hi_row[a:b] - starts, 0).max())
-                if width == 0:  # nobody decoding in this part (cancelled)
-                    continue
-                starts = torch.where(act, starts, 0).clamp_max(L - width)
-                sub = Batch(batch.x[a:b], batch.position_ids[a:b],
-                            None if batch.key_valid is None else batch.key_valid[a:b], P, batch.prompt_lens[a:b])
-                view = cache.rows(a, b)
-                logits = forward_rows(model, sub, starts, width, block_causal(P, Bs, sub.key_valid), view)
-                cache.length = max(cache.length, view.length)
-                idx = starts[:, None] + torch.arange(width, device=dev) - P  # (b-a, width) answer index
-                parts.append((a, b, idx, *predict(logits, cfg.temperature, generator, mask_id)))
-            span = None
-        else:  # one window for all: the union of the decoding samples' windows
-            logits, start = forward_logits(model, batch, lo, hi, max(lo, P), pattern, cache)
-            logits = logits[:, max(lo, P) - start:]  # predictions for [max(lo, P), hi)
-            idx = (torch.arange(hi - max(lo, P), device=dev) + max(lo, P) - P).expand(B, -1)
-            parts.append((0, B, idx, *predict(logits, cfg.temperature, generator, mask_id)))
-            span = (start, hi)
-        # into answer coordinates, (B, G); columns no window covers keep confidence 0 (never in flight)
-        tok_full = batch.answer().clone()
-        conf_full = torch.zeros(B, G + 1, dtype=torch.float64, device=dev)
-        tok_full = torch.cat([tok_full, tok_full[:, :1]], 1)
-        for a, b, idx, tokens, conf in parts:
-            col = torch.where((idx >= 0) & (idx < G), idx, G)  # out-of-answer predictions: a spare column
-            tok_full[a:b].scatter_(1, col, tokens)
-            conf_full[a:b].scatter_(1, col, conf)
-        tok_full, conf_full = tok_full[:, :G], conf_full[:, :G]
+        tok_full, conf_full, span = _predict(model, batch, rows, cache, pattern, cfg, generator, windows, lo, top, n_new)
         # Everything finished before this forward has now been written with its final tokens.
         n_fin = finished.long().cumprod(-1).sum(-1)  # (B,) leading finished blocks
         rows.exact_end = torch.where(active, P + n_fin * Bs, rows.exact_end)
@@ -189,23 +154,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         batch.x[:, P:] = torch.where(sel, tok_full, ans)
 
         # ---- 3. update block states ----------------------------------------------------
-        left = (batch.answer() == mask_id).view(B, NB, Bs).sum(-1)  # (B, NB) masks left
-        frac = torch.where(added, 1 - left.double() / Bs, torch.zeros_like(left, dtype=torch.float64))
-        finished = (added & (left == 0)).long().cumprod(-1).bool()
-        # predecessor of block j: the prompt for j = 0 (always finished, fraction 1)
-        prev_fin = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), finished[:, :-1]], 1)
-        prev_frac = torch.cat([torch.ones(B, 1, dtype=torch.float64, device=dev), frac[:, :-1]], 1)
-        ready = prev_fin | (prev_frac >= cfg.tau_act)
-        full_act = full_act | (added & ready)
-        n_added = added.sum(-1)
-        newest = (n_added - 1).clamp_min(0)
-        has_eos = (batch.answer() == eos_id).any(-1) if eos_id is not None else torch.zeros_like(active)
-        grow = (active & (n_added < rows.budget) & ~has_eos
-                & (frac.gather(1, newest[:, None])[:, 0] >= cfg.tau_add))
-        new = torch.nn.functional.one_hot(n_added.clamp_max(NB - 1), NB).bool() & grow[:, None]
-        added = added | new
-        full_act = full_act | (new & ready)
-        rows.added, rows.full_act, rows.finished = added, full_act, finished
+        _advance_blocks(rows, batch.answer(), cfg, mask_id, eos_id)
+        added, full_act, finished = rows.added, rows.full_act, rows.finished
 
         committed = sel
         info = None
@@ -226,6 +176,81 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         if change is not None:
             batch, rows, cache = _apply(change, model, batch, rows, cache, Bs)
             pattern = block_causal(batch.prompt_len, Bs, batch.key_valid)
+
+
+def _predict(model, batch: Batch, rows: Rows, cache, pattern, cfg, generator, windows: str, lo: int, top: int,
+             n_new: int) -> tuple[Tensor, Tensor, tuple | None]:
+    """Step 1 of `steps`: forward the in-flight windows and predict every position they cover.
+    Returns tokens and confidences in answer coordinates, (B, G) each (columns no window covers keep
+    confidence 0: never in flight), and the span forwarded for the step log ("union" windows only)."""
+    P, L, G, Bs = batch.prompt_len, batch.x.shape[1], batch.gen_len, cfg.block_size
+    B, dev, mask_id = batch.x.shape[0], batch.x.device, model.config.mask_token_id
+    active = rows.active
+    hi_row = P + rows.added.sum(-1) * Bs  # (B,) end of each sample's window
+    hi = P + top * Bs
+    parts = []  # (rows a..b, their answer indices (b-a, T), tokens, confidences)
+    if windows == "rows":
+        # Each sample forwards [its exact end, its window end); a sample that just joined (at the end of
+        # the batch), [0, window end): its prompt is not cached yet. Those go in a forward of their own,
+        # so their long windows do not widen everybody's.
+        shift = model.config.logits_shift
+        for a, b in [(0, B)] if n_new in (0, B) else [(0, B - n_new), (B - n_new, B)]:
+            end, act = rows.exact_end[a:b], active[a:b]
+            starts = torch.where(end >= P, end - shift, 0)
+            width = int(torch.where(act, hi_row[a:b] - starts, 0).max())
+            if width == 0:  # nobody decoding in this part (cancelled)
+                continue
+            starts = torch.where(act, starts, 0).clamp_max(L - width)
+            sub = Batch(batch.x[a:b], batch.position_ids[a:b],
+                        None if batch.key_valid is None else batch.key_valid[a:b], P, batch.prompt_lens[a:b])
+            view = cache.rows(a, b)
+            logits = forward_rows(model, sub, starts, width, block_causal(P, Bs, sub.key_valid), view)
+            cache.length = max(cache.length, view.length)
+            idx = starts[:, None] + torch.arange(width, device=dev) - P  # (b-a, width) answer index
+            parts.append((a, b, idx, *predict(logits, cfg.temperature, generator, mask_id)))
+        span = None
+    else:  # one window for all: the union of the decoding samples' windows
+        logits, start = forward_logits(model, batch, lo, hi, max(lo, P), pattern, cache)
+        logits = logits[:, max(lo, P) - start:]  # predictions for [max(lo, P), hi)
+        idx = (torch.arange(hi - max(lo, P), device=dev) + max(lo, P) - P).expand(B, -1)
+        parts.append((0, B, idx, *predict(logits, cfg.temperature, generator, mask_id)))
+        span = (start, hi)
+    # into answer coordinates, (B, G); columns no window covers keep confidence 0 (never in flight)
+    tok_full = batch.answer().clone()
+    conf_full = torch.zeros(B, G + 1, dtype=torch.float64, device=dev)
+    tok_full = torch.cat([tok_full, tok_full[:, :1]], 1)
+    for a, b, idx, tokens, conf in parts:
+        col = torch.where((idx >= 0) & (idx < G), idx, G)  # out-of-answer predictions: a spare column
+        tok_full[a:b].scatter_(1, col, tokens)
+        conf_full[a:b].scatter_(1, col, conf)
+    return tok_full[:, :G], conf_full[:, :G], span
+
+
+def _advance_blocks(rows: Rows, ans: Tensor, cfg, mask_id: int, eos_id: int | None) -> None:
+    """Step 3 of `steps`, D2F's block states after a commit (ans: the answers, (B, G)): a block is finished
+    when it and every block before it have no mask left; a block becomes fully active once its predecessor
+    is finished or at least tau_act decoded; a new block is added behind the newest one once that one is
+    tau_add decoded, until the budget or an EOS."""
+    B, NB = rows.added.shape
+    Bs, dev, active = cfg.block_size, ans.device, rows.active
+    added, full_act = rows.added, rows.full_act
+    left = (ans == mask_id).view(B, NB, Bs).sum(-1)  # (B, NB) masks left
+    frac = torch.where(added, 1 - left.double() / Bs, torch.zeros_like(left, dtype=torch.float64))
+    finished = (added & (left == 0)).long().cumprod(-1).bool()
+    # predecessor of block j: the prompt for j = 0 (always finished, fraction 1)
+    prev_fin = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), finished[:, :-1]], 1)
+    prev_frac = torch.cat([torch.ones(B, 1, dtype=torch.float64, device=dev), frac[:, :-1]], 1)
+    ready = prev_fin | (prev_frac >= cfg.tau_act)
+    full_act = full_act | (added & ready)
+    n_added = added.sum(-1)
+    newest = (n_added - 1).clamp_min(0)
+    has_eos = (ans == eos_id).any(-1) if eos_id is not None else torch.zeros_like(active)
+    grow = (active & (n_added < rows.budget) & ~has_eos
+            & (frac.gather(1, newest[:, None])[:, 0] >= cfg.tau_add))
+    new = torch.nn.functional.one_hot(n_added.clamp_max(NB - 1), NB).bool() & grow[:, None]
+    added = added | new
+    full_act = full_act | (new & ready)
+    rows.added, rows.full_act, rows.finished = added, full_act, finished
 
 
 def _keep(batch: Batch, rows: Rows, cache, keep: Tensor) -> tuple[Batch, Rows]:

@@ -53,7 +53,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     `Changes.join` start at the next block boundary, aligned with the batch's current block (their
     prompts end where it starts; `infer.batch.join_at`). Every sample has the same budget G (the block
     schedule depends on it). That block's first step is a full forward, which rewrites the whole cache,
-    so a joining sample decodes exactly as alone."""
+    so a joining sample decodes exactly as alone. One loop, longer than most functions here, because the
+    decoding state (block, step, joins waiting for the boundary) lives across `yield`s."""
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
     P, G = batch.prompt_len, batch.gen_len
     B, Bs = batch.x.shape[0], cfg.block_size

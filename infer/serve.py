@@ -179,11 +179,144 @@ class Server:
         return ids
 
 
-def create_app(server: Server):
-    from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+async def read_body(request) -> dict:
+    """The request's JSON object, with the fields every endpoint checks the same way."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, f"n must be 1 (got {body.get('n')!r}); send several requests instead", param="n")
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError(400, f"stream must be true or false, got {body.get('stream')!r}", param="stream")
+    return body
 
+
+def submit(server: Server, body: dict, prompts: list[list[int]], queue: asyncio.Queue) -> list:
+    """Queue one engine request per prompt; their events arrive on `queue` as (prompt index, event)."""
     from infer.engine import Overloaded, Request
+    loop = asyncio.get_running_loop()
+    stop = server.stops(body)
+    reqs = []
+    for i, ids in enumerate(prompts):
+        cfg, max_tokens = server.config(body, len(ids))
+        emit = (lambda i: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))(i)
+        reqs.append(Request(ids, cfg, max_tokens, emit, stop=stop, view=bool(body.get("view"))))
+    try:
+        for r in reqs:
+            server.engine.submit(r)
+    except Overloaded as e:
+        for r in reqs:
+            r.cancel()
+        raise ApiError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from None
+    return reqs
+
+
+async def collect(request, reqs: list, queue: asyncio.Queue) -> list[dict]:
+    """Wait for every request's final event; cancel them all if the client goes away."""
+    done: dict[int, dict] = {}
+    while len(done) < len(reqs):
+        try:
+            i, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                for r in reqs:
+                    r.cancel()
+                return []
+            continue
+        if ev["type"] == "error":
+            for r in reqs:
+                r.cancel()
+            raise ApiError(ev["status"], ev["message"], "server_error" if ev["status"] >= 500 else
+                           "invalid_request_error")
+        if ev["type"] == "done":
+            done[i] = ev
+    return [done[i] for i in range(len(reqs))]
+
+
+def usage(events: list[dict]) -> dict:
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens", "nfe")
+    return {k: sum(ev["usage"][k] for ev in events) for k in keys}
+
+
+def reply(head: dict, events: list[dict], chat: bool) -> dict:
+    """The non-streaming response object."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": ev["text"]},
+                    "finish_reason": ev["finish_reason"]} for i, ev in enumerate(events)]
+    else:
+        choices = [{"index": i, "text": ev["text"], "finish_reason": ev["finish_reason"], "logprobs": None}
+                   for i, ev in enumerate(events)]
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+            "usage": usage(events)}
+
+
+def sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj) + "\n\n"
+
+
+async def stream(head: dict, reqs: list, queue: asyncio.Queue, chat: bool, include_usage: bool):
+    """The server-sent events of a streaming response; the rows still decoding are freed when it ends."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, **extra) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return sse({**head, "object": obj, "choices": [choice], **extra})
+
+    finished: dict[int, dict] = {}
+    try:
+        if chat:
+            for i in range(len(reqs)):
+                yield chunk(i, "", None, first=True)
+        while len(finished) < len(reqs):
+            i, ev = await queue.get()
+            if ev["type"] == "delta":
+                yield chunk(i, ev["text"], None)
+            elif ev["type"] == "view":
+                yield chunk(i, None, None, d2f_view={k: v for k, v in ev.items() if k != "type"})
+            elif ev["type"] == "done":
+                finished[i] = ev
+                yield chunk(i, None, ev["finish_reason"], d2f={"nfe": ev["nfe"], "wall_time": ev["wall_time"],
+                                                               "completion_tokens": ev["usage"]["completion_tokens"]})
+            else:
+                yield sse(ApiError(ev["status"], ev["message"], "server_error").body())
+                return
+        if include_usage:
+            yield sse({**head, "object": obj, "choices": [], "usage": usage(list(finished.values()))})
+        yield "data: [DONE]\n\n"
+    finally:  # the client left (or the stream ended): free the rows still decoding
+        for r in reqs:
+            if not r.done:
+                r.cancel()
+
+
+async def handle(server: Server, request, chat: bool):
+    """POST /v1/completions (chat=False) and /v1/chat/completions (chat=True)."""
+    from fastapi.responses import StreamingResponse
+    body = await read_body(request)
+    prompts = [server.chat_prompt(body)] if chat else server.completion_prompts(body)
+    queue: asyncio.Queue = asyncio.Queue()
+    reqs = submit(server, body, prompts, queue)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "created": int(time.time()), "model": server.model_name}
+    if not body.get("stream"):
+        return reply(head, await collect(request, reqs, queue), chat)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return StreamingResponse(stream(head, reqs, queue, chat, include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(server: Server):
+    """The FastAPI app: errors as OpenAI error objects, and the routes."""
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     engine = server.engine
     app = FastAPI(title="d2f", docs_url=None, redoc_url=None)
@@ -200,132 +333,13 @@ def create_app(server: Server):
     async def any_error(_, e: Exception):  # a bug: say so in OpenAI's format, keep serving
         return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(), 500)
 
-    async def read_body(request: HttpRequest) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, f"n must be 1 (got {body.get('n')!r}); send several requests instead", param="n")
-        if not isinstance(body.get("stream", False), bool):
-            raise ApiError(400, f"stream must be true or false, got {body.get('stream')!r}", param="stream")
-        return body
-
-    def submit(body: dict, prompts: list[list[int]], queue: asyncio.Queue) -> list[Request]:
-        loop = asyncio.get_running_loop()
-        stop = server.stops(body)
-        reqs = []
-        for i, ids in enumerate(prompts):
-            cfg, max_tokens = server.config(body, len(ids))
-            emit = (lambda i: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))(i)
-            reqs.append(Request(ids, cfg, max_tokens, emit, stop=stop, view=bool(body.get("view"))))
-        try:
-            for r in reqs:
-                engine.submit(r)
-        except Overloaded as e:
-            for r in reqs:
-                r.cancel()
-            raise ApiError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from None
-        return reqs
-
-    async def collect(request: HttpRequest, reqs, queue) -> list[dict]:
-        """Wait for every request's final event; cancel them all if the client goes away."""
-        done: dict[int, dict] = {}
-        while len(done) < len(reqs):
-            try:
-                i, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    for r in reqs:
-                        r.cancel()
-                    return []
-                continue
-            if ev["type"] == "error":
-                for r in reqs:
-                    r.cancel()
-                raise ApiError(ev["status"], ev["message"], "server_error" if ev["status"] >= 500 else
-                               "invalid_request_error")
-            if ev["type"] == "done":
-                done[i] = ev
-        return [done[i] for i in range(len(reqs))]
-
-    def usage(events: list[dict]) -> dict:
-        keys = ("prompt_tokens", "completion_tokens", "total_tokens", "nfe")
-        return {k: sum(ev["usage"][k] for ev in events) for k in keys}
-
-    async def handle(request: HttpRequest, chat: bool):
-        body = await read_body(request)
-        prompts = [server.chat_prompt(body)] if chat else server.completion_prompts(body)
-        queue: asyncio.Queue = asyncio.Queue()
-        reqs = submit(body, prompts, queue)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        obj = "chat.completion" if chat else "text_completion"
-        head = {"id": rid, "created": int(time.time()), "model": server.model_name}
-        if not body.get("stream"):
-            events = await collect(request, reqs, queue)
-            if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": ev["text"]},
-                            "finish_reason": ev["finish_reason"]} for i, ev in enumerate(events)]
-            else:
-                choices = [{"index": i, "text": ev["text"], "finish_reason": ev["finish_reason"], "logprobs": None}
-                           for i, ev in enumerate(events)]
-            return {**head, "object": obj, "choices": choices, "usage": usage(events)}
-
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, **extra) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": text or ""} if first else (
-                    {"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return "data: " + json.dumps({**head, "object": chunk_obj, "choices": [choice], **extra}) + "\n\n"
-
-        async def events():
-            finished: dict[int, dict] = {}
-            try:
-                if chat:
-                    for i in range(len(reqs)):
-                        yield chunk(i, "", None, first=True)
-                while len(finished) < len(reqs):
-                    i, ev = await queue.get()
-                    if ev["type"] == "delta":
-                        yield chunk(i, ev["text"], None)
-                    elif ev["type"] == "view":
-                        yield chunk(i, None, None, d2f_view={k: v for k, v in ev.items() if k != "type"})
-                    elif ev["type"] == "done":
-                        finished[i] = ev
-                        yield chunk(i, None, ev["finish_reason"],
-                                    d2f={"nfe": ev["nfe"], "wall_time": ev["wall_time"],
-                                         "completion_tokens": ev["usage"]["completion_tokens"]})
-                    else:
-                        err = ApiError(ev["status"], ev["message"], "server_error")
-                        yield "data: " + json.dumps(err.body()) + "\n\n"
-                        return
-                if include_usage:
-                    yield "data: " + json.dumps({**head, "object": chunk_obj, "choices": [],
-                                                 "usage": usage(list(finished.values()))}) + "\n\n"
-                yield "data: [DONE]\n\n"
-            finally:  # the client left (or the stream ended): free the rows still decoding
-                for r in reqs:
-                    if not r.done:
-                        r.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        return await handle(request, chat=False)
+        return await handle(server, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
-        return await handle(request, chat=True)
+        return await handle(server, request, chat=True)
 
     @app.get("/v1/models")
     async def models():
