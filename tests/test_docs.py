@@ -82,9 +82,10 @@ RUN = {
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/bidir")],
     "python train/pretrain.py --config configs/testbed_teacher_bidir_results.yaml":  # from a shipped dLLM in CI
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/results init_from=testbed/teacher")],
-    "python train/decode_orders.py --model runs/testbed_teacher_bidir --n 640 --out runs/decode_orders_bidir.pt":
-        [("runs/testbed_teacher_bidir", "testbed/teacher"), ("--n 640", "--n 2"),
-         ("runs/decode_orders_bidir.pt", "{tmp}/ob.pt")],
+    "python train/decode_orders.py --model runs/testbed_teacher_bidir_results --n 640 "
+    "--out runs/decode_orders_bidir_results.pt":
+        [("runs/testbed_teacher_bidir_results", "testbed/teacher"), ("--n 640", "--n 2"),
+         ("runs/decode_orders_bidir_results.pt", "{tmp}/ob.pt")],
     "python train/decode_orders.py --model runs/testbed_teacher --n 640 --out runs/decode_orders.pt":
         [("runs/testbed_teacher", "testbed/teacher"), ("--n 640", "--n 2"), ("runs/decode_orders.pt", "{tmp}/o.pt")],
     "python -m infer.bench --shapes tiny-llada,tiny-dream":

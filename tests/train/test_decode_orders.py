@@ -252,18 +252,20 @@ def test_the_gen256_orders_stage_continues_the_orders_stage():
 
 
 def test_the_bidirectional_orders_stage_continues_the_bidirectional_teacher(tok_dir, orders_file):
-    """configs/testbed_teacher_bidir_orders.yaml starts from the first stage's output with its model and data,
-    and every forward of its objective (decoding states, semi-AR states, LLaDA SFT) attends fully."""
+    """configs/testbed_teacher_bidir_orders.yaml starts from the second stage's output with its model and data,
+    and every forward of its objective (decoding states, calculator-result states, semi-AR states, LLaDA SFT)
+    attends fully."""
     from d2f.data.tokenizer import load_tokenizer
     from d2f.models import build_model
     from d2f.yaml_config import load_config
     from test_pretrain import REPO, FullAttentionOnly, collate
     from train.objectives import compute_loss
-    from train.pretrain import PretrainConfig, build_dataset, build_decode_states, model_config
+    from train.pretrain import PretrainConfig, build_dataset, build_decode_states, calculator_vocab, model_config
     stage = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir_orders.yaml")
-    base = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir.yaml")
+    base = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir_results.yaml")
     stage.validate()
-    assert stage.init_from == base.output_dir and stage.decode_order_frac > 0 and stage.clean_prefix_frac == 0
+    assert stage.init_from == base.output_dir and stage.clean_prefix_frac == 0
+    assert stage.decode_order_frac > 0 and stage.result_mask_frac > 0 and stage.semi_ar_frac > 0
     assert stage.model == base.model and stage.data == base.data and stage.tokenizer == base.tokenizer
     small = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir_orders.yaml",
                         [f"tokenizer={tok_dir}", "data.num_problems=16", f"decode_orders={orders_file}",
@@ -276,8 +278,8 @@ def test_the_bidirectional_orders_stage_continues_the_bidirectional_teacher(tok_
     g = torch.Generator().manual_seed(0)
     order_batch = states.sample(small.n_decode_states, g)
     ids, plen = collate(data[:small.batch_size - small.n_decode_states], eos_id=1)
-    loss = compute_loss(wrapped, small, ids, plen, g, order_batch)
-    assert torch.isfinite(loss) and wrapped.kinds == ["full"] * 3  # decoding states, SFT, semi-AR
+    loss = compute_loss(wrapped, small, ids, plen, g, order_batch, vocab_text=calculator_vocab(tok, tok_dir))
+    assert torch.isfinite(loss) and wrapped.kinds == ["full"] * 4  # decoding states, SFT, semi-AR, results
 
 
 def test_a_stopped_recording_continues_from_its_partial_file(tok_dir, orders_file, tmp_path, monkeypatch):
