@@ -186,7 +186,6 @@ def _predict(model, batch: Batch, rows: Rows, cache, pattern, cfg, generator, wi
     P, L, G, Bs = batch.prompt_len, batch.x.shape[1], batch.gen_len, cfg.block_size
     B, dev, mask_id = batch.x.shape[0], batch.x.device, model.config.mask_token_id
     active = rows.active
-    hi_row = P + rows.added.sum(-1) * Bs  # (B,) end of each sample's window
     hi = P + top * Bs
     parts = []  # (rows a..b, their answer indices (b-a, T), tokens, confidences)
     if windows == "rows":
@@ -194,6 +193,7 @@ def _predict(model, batch: Batch, rows: Rows, cache, pattern, cfg, generator, wi
         # the batch), [0, window end): its prompt is not cached yet. Those go in a forward of their own,
         # so their long windows do not widen everybody's.
         shift = model.config.logits_shift
+        hi_row = P + rows.added.sum(-1) * Bs  # (B,) end of each sample's window
         for a, b in [(0, B)] if n_new in (0, B) else [(0, B - n_new), (B - n_new, B)]:
             end, act = rows.exact_end[a:b], active[a:b]
             starts = torch.where(end >= P, end - shift, 0)
@@ -216,9 +216,9 @@ def _predict(model, batch: Batch, rows: Rows, cache, pattern, cfg, generator, wi
         parts.append((0, B, idx, *predict(logits, cfg.temperature, generator, mask_id)))
         span = (start, hi)
     # into answer coordinates, (B, G); columns no window covers keep confidence 0 (never in flight)
-    tok_full = batch.answer().clone()
+    ans = batch.answer()
+    tok_full = torch.cat([ans, ans[:, :1]], 1)  # a new tensor: the batch is written only by the commit
     conf_full = torch.zeros(B, G + 1, dtype=torch.float64, device=dev)
-    tok_full = torch.cat([tok_full, tok_full[:, :1]], 1)
     for a, b, idx, tokens, conf in parts:
         col = torch.where((idx >= 0) & (idx < G), idx, G)  # out-of-answer predictions: a spare column
         tok_full[a:b].scatter_(1, col, tokens)
