@@ -58,6 +58,16 @@ $PY train/pretrain.py --config configs/testbed_teacher_orders256.yaml num_thread
     > runs/logs/teacher_orders256.log 2>&1
 export_model teacher testbed_teacher_orders256
 
+echo "== bidirectional teacher (issue #15: full attention in every term, initialised from testbed/ar), logs in runs/logs/teacher_bidir*.log"
+$PY train/pretrain.py --config configs/testbed_teacher_bidir.yaml num_threads="$THREADS" "$@" \
+    > runs/logs/teacher_bidir.log 2>&1
+$PY train/pretrain.py --config configs/testbed_teacher_bidir_results.yaml num_threads="$THREADS" "$@" \
+    > runs/logs/teacher_bidir_results.log 2>&1
+record_orders runs/decode_orders_bidir_results.pt testbed_teacher_bidir_orders testbed_teacher_bidir_results --n 640
+$PY train/pretrain.py --config configs/testbed_teacher_bidir_orders.yaml num_threads="$THREADS" "$@" \
+    > runs/logs/teacher_bidir_orders.log 2>&1
+export_model teacher_bidir testbed_teacher_bidir_orders
+
 echo "== D2F student: teacher answers for train problems, then distillation (configs/d2f_tiny.yaml)"
 $PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \
     --n "${DISTILL_N:-800}" --mode fast-dllm --max-new-tokens 128 --block-size 32 --batch-size 100 \
@@ -79,3 +89,9 @@ $PY -m infer.eval --model testbed/teacher --mode vanilla --max-new-tokens 256 --
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher_gen256
 $PY -m infer.eval --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 --tau-act 0.95 --tau-conf 0.99 \
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_student
+# the bidirectional teacher: vanilla, and its own weights under D2F without an adapter (the block-causal gap)
+$PY -m infer.eval --model testbed/teacher_bidir --mode vanilla --max-new-tokens 128 --block-size 32 --steps 128 \
+    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher_bidir
+$PY -m infer.eval --model testbed/teacher_bidir --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 \
+    --tau-act 0.95 --tau-conf 0.99 --limit 500 --batch-size 50 --threads "$THREADS" --overwrite \
+    --output-dir runs/testbed_eval_teacher_bidir_d2f

@@ -15,7 +15,7 @@ from d2f.models import from_pretrained
 TESTBED = Path(__file__).resolve().parents[1] / "testbed"
 needs = {role: pytest.mark.skipif(not (TESTBED / role / "model.safetensors").is_file(),
                                   reason=f"testbed/{role} absent (bash scripts/build_testbed.sh)")
-         for role in ("teacher", "ar")}
+         for role in ("teacher", "ar", "teacher_bidir")}
 needs["student"] = pytest.mark.skipif(not (TESTBED / "student" / "adapter_model.safetensors").is_file(),
                                       reason="testbed/student absent (bash scripts/build_testbed.sh)")
 # a held-out test problem (index into load_gsm8k("testbed")) that the shipped teacher (vanilla), student
@@ -28,7 +28,7 @@ def tokenizer():
     return load_tokenizer(TESTBED / "tokenizer")
 
 
-@pytest.mark.parametrize("role", ["teacher", "ar"])
+@pytest.mark.parametrize("role", ["teacher", "ar", "teacher_bidir"])
 def test_checkpoint_loads(role):
     if not (TESTBED / role / "model.safetensors").is_file():
         pytest.skip(f"testbed/{role} absent")
