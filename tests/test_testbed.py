@@ -19,7 +19,7 @@ needs = {role: pytest.mark.skipif(not (TESTBED / role / "model.safetensors").is_
 needs["student"] = pytest.mark.skipif(not (TESTBED / "student" / "adapter_model.safetensors").is_file(),
                                       reason="testbed/student absent (bash scripts/build_testbed.sh)")
 # a held-out test problem (index into load_gsm8k("testbed")) that the shipped teacher (vanilla), student
-# (D2F) and AR model all solve
+# (D2F), AR model and bidirectional teacher (vanilla) all solve
 FIXED_PROBLEM = 5
 
 
@@ -81,3 +81,22 @@ def test_student_solves_a_fixed_problem_with_d2f_decoding():
 def test_ar_solves_a_fixed_problem():
     text, problem = _solve("ar", "ar")
     assert is_correct(text, problem["final"]), text
+
+
+@needs["teacher_bidir"]
+def test_bidirectional_teacher_solves_a_fixed_problem_that_block_causal_decoding_of_its_weights_fails():
+    """The same problem: vanilla decoding of testbed/teacher_bidir solves it, D2F decoding of the same weights
+    without an adapter (block-causal) does not; the gap its card measures on 500 problems."""
+    from d2f.data.tokenizer import prompt_ids
+    from infer.api import DecodeConfig, generate, load
+    problem = load_gsm8k("testbed", limit=FIXED_PROBLEM + 1)[FIXED_PROBLEM]
+    tok = tokenizer()
+    texts = {}
+    for mode, cfg in (("vanilla", DecodeConfig(mode="vanilla", max_new_tokens=128, block_size=32, steps=128)),
+                      ("d2f", DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7,
+                                           tau_act=0.95, tau_conf=0.99))):
+        model, _ = load(str(TESTBED / "teacher_bidir"), mode=mode)
+        [res] = generate(model, tok, [prompt_ids(tok, problem["question"])], cfg)
+        texts[mode] = res.text
+    assert is_correct(texts["vanilla"], problem["final"]), texts["vanilla"]
+    assert not is_correct(texts["d2f"], problem["final"]), texts["d2f"]
