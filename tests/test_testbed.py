@@ -46,21 +46,32 @@ def test_checkpoint_loads(role):
     assert (TESTBED / role / "README.md").is_file()
 
 
-def _solve(role: str, mode: str) -> tuple[str, dict]:
+def _d2f_config():  # the README's student setting (configs/compare_testbed.yaml)
+    from infer.api import DecodeConfig
+    return DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.99)
+
+
+def _decode(model, cfg) -> tuple[str, dict]:
+    """The answer `model` decodes under `cfg` to held-out problem FIXED_PROBLEM, and the problem."""
     from d2f.data.tokenizer import prompt_ids
-    from infer.api import DecodeConfig, generate, load
+    from infer.api import generate
+    tok = tokenizer()
+    problem = load_gsm8k("testbed", limit=FIXED_PROBLEM + 1)[FIXED_PROBLEM]
+    [res] = generate(model, tok, [prompt_ids(tok, problem["question"])], cfg)
+    return res.text, problem
+
+
+def _solve(role: str, mode: str) -> tuple[str, dict]:
+    from infer.api import DecodeConfig, load
     if role == "student":  # the teacher with the D2F LoRA merged in, decoded as in configs/compare_testbed.yaml
         model, _ = load(str(TESTBED / "teacher"), mode="d2f", adapter=str(TESTBED / "student"))
-        cfg = DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.99)
+        cfg = _d2f_config()
     else:
         model = from_pretrained(TESTBED / role, dtype=torch.float32)
         # the teacher at issue #4's budget (gen length 256, block 32, 256 steps), the AR model at 128
         gen = 256 if mode == "vanilla" else 128
         cfg = DecodeConfig(mode=mode, max_new_tokens=gen, block_size=32, steps=gen if mode == "vanilla" else None)
-    tok = tokenizer()
-    problem = load_gsm8k("testbed", limit=FIXED_PROBLEM + 1)[FIXED_PROBLEM]
-    [res] = generate(model, tok, [prompt_ids(tok, problem["question"])], cfg)
-    return res.text, problem
+    return _decode(model, cfg)
 
 
 @needs["teacher"]
@@ -87,16 +98,9 @@ def test_ar_solves_a_fixed_problem():
 def test_bidirectional_teacher_solves_a_fixed_problem_that_block_causal_decoding_of_its_weights_fails():
     """The same problem: vanilla decoding of testbed/teacher_bidir solves it, D2F decoding of the same weights
     without an adapter (block-causal) does not; the gap its card measures on 500 problems."""
-    from d2f.data.tokenizer import prompt_ids
-    from infer.api import DecodeConfig, generate, load
-    problem = load_gsm8k("testbed", limit=FIXED_PROBLEM + 1)[FIXED_PROBLEM]
-    tok = tokenizer()
-    texts = {}
-    for mode, cfg in (("vanilla", DecodeConfig(mode="vanilla", max_new_tokens=128, block_size=32, steps=128)),
-                      ("d2f", DecodeConfig(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7,
-                                           tau_act=0.95, tau_conf=0.99))):
-        model, _ = load(str(TESTBED / "teacher_bidir"), mode=mode)
-        [res] = generate(model, tok, [prompt_ids(tok, problem["question"])], cfg)
-        texts[mode] = res.text
-    assert is_correct(texts["vanilla"], problem["final"]), texts["vanilla"]
-    assert not is_correct(texts["d2f"], problem["final"]), texts["d2f"]
+    from infer.api import DecodeConfig, load
+    vanilla = DecodeConfig(mode="vanilla", max_new_tokens=128, block_size=32, steps=128)
+    text, problem = _decode(load(str(TESTBED / "teacher_bidir"), mode="vanilla")[0], vanilla)
+    assert is_correct(text, problem["final"]), text
+    text, _ = _decode(load(str(TESTBED / "teacher_bidir"), mode="d2f")[0], _d2f_config())  # no adapter
+    assert not is_correct(text, problem["final"]), text
