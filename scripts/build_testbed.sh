@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Rebuild the embedded testbed from scratch: tokenizer, AR baseline, dLLM teacher, D2F student, accuracies.
 #
-#   bash scripts/build_testbed.sh              # about 6.5 hours on a 2-core CPU (teacher: 12,000 steps, ~3 h,
-#                                              # then its decoding-order stages: 22 min of orders + 2,400 steps, 33 min;
-#                                              # 37 min of orders at gen length 256 + 1,000 steps, 25 min)
+#   bash scripts/build_testbed.sh              # about 4 hours on a 2-core CPU (AR baseline ~55 min; teacher:
+#                                              # 10,000 + 6,000 steps, 105 min, 13 min of orders, 2,400 steps, 15 min;
+#                                              # student: teacher answers ~20 min + distillation ~7 min; evaluations ~20 min)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
-# init_from: testbed/ar), so the AR model is trained and exported first. Training runs go to
-# runs/testbed_{ar,teacher,teacher_orders,teacher_orders256} and resume from their newest checkpoint when interrupted
-# (resume=auto), so re-running this script continues where it stopped. Extra arguments are key=value
-# overrides for the four pretraining runs.
+# init_from: testbed/ar), so the AR model is trained and exported first, and the student is distilled from the
+# exported teacher. Training runs go to runs/testbed_{ar,teacher,teacher_results,teacher_orders} and resume from
+# their newest checkpoint when interrupted (resume=auto), so re-running this script continues where it stopped.
+# Extra arguments are key=value overrides for the pretraining runs.
 # The model cards (testbed/*/README.md) are kept; update their numbers from runs/testbed_eval_*/summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,39 +44,28 @@ echo "== AR baseline (causal), log in runs/logs/ar.log"
 $PY train/pretrain.py --config configs/testbed_ar.yaml num_threads="$THREADS" "$@" > runs/logs/ar.log 2>&1
 export_model ar
 
-echo "== teacher (llada_sft + clean-prefix term, initialised from testbed/ar), log in runs/logs/teacher.log"
+echo "== teacher (full attention in every term, initialised from testbed/ar), logs in runs/logs/teacher*.log"
+# stage 1: semi-autoregressive states + LLaDA SFT; stage 2: calculator-result states; stage 3: the states its
+# own vanilla decoding visits (orders recorded from the stage-2 model)
 $PY train/pretrain.py --config configs/testbed_teacher.yaml num_threads="$THREADS" "$@" > runs/logs/teacher.log 2>&1
-
-echo "== teacher, first decoding-order round: the states its own vanilla decoding visits (configs/testbed_teacher_orders.yaml)"
-record_orders runs/decode_orders.pt testbed_teacher_orders testbed_teacher --n 640
+$PY train/pretrain.py --config configs/testbed_teacher_results.yaml num_threads="$THREADS" "$@" \
+    > runs/logs/teacher_results.log 2>&1
+record_orders runs/decode_orders.pt testbed_teacher_orders testbed_teacher_results --n 640
 $PY train/pretrain.py --config configs/testbed_teacher_orders.yaml num_threads="$THREADS" "$@" \
     > runs/logs/teacher_orders.log 2>&1
+export_model teacher testbed_teacher_orders
 
-echo "== teacher, second round: its decoding states at gen length 256 (configs/testbed_teacher_orders256.yaml)"
-record_orders runs/decode_orders_256.pt testbed_teacher_orders256 testbed_teacher_orders --n 400 --gen 256
-$PY train/pretrain.py --config configs/testbed_teacher_orders256.yaml num_threads="$THREADS" "$@" \
-    > runs/logs/teacher_orders256.log 2>&1
-export_model teacher testbed_teacher_orders256
-
-echo "== bidirectional teacher (issue #15: full attention in every term, initialised from testbed/ar), logs in runs/logs/teacher_bidir*.log"
-$PY train/pretrain.py --config configs/testbed_teacher_bidir.yaml num_threads="$THREADS" "$@" \
-    > runs/logs/teacher_bidir.log 2>&1
-$PY train/pretrain.py --config configs/testbed_teacher_bidir_results.yaml num_threads="$THREADS" "$@" \
-    > runs/logs/teacher_bidir_results.log 2>&1
-record_orders runs/decode_orders_bidir_results.pt testbed_teacher_bidir_orders testbed_teacher_bidir_results --n 640
-$PY train/pretrain.py --config configs/testbed_teacher_bidir_orders.yaml num_threads="$THREADS" "$@" \
-    > runs/logs/teacher_bidir_orders.log 2>&1
-export_model teacher_bidir testbed_teacher_bidir_orders
-
-echo "== D2F student: teacher answers for train problems, then distillation (configs/d2f_tiny.yaml)"
+echo "== D2F student: the teacher's answers to train problems (vanilla decoding, ~20 min), then distillation"
 $PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \
-    --n "${DISTILL_N:-800}" --mode fast-dllm --max-new-tokens 128 --block-size 32 --batch-size 100 \
+    --n "${DISTILL_N:-800}" --mode vanilla --max-new-tokens 128 --block-size 32 --batch-size 100 \
     --out data/distill/testbed_train.jsonl
 rm -rf runs/d2f_tiny
-$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny > runs/logs/distill.log 2>&1
+$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny data.source=data/distill/testbed_train.jsonl \
+    eval.every=0 > runs/logs/distill.log 2>&1
 rm -rf testbed/student.tmp && mkdir -p testbed/student.tmp
-cp runs/d2f_tiny/adapter/{adapter_config.json,adapter_model.safetensors} testbed/student.tmp/
+cp runs/d2f_tiny/adapter/{adapter_config.json,adapter_model.safetensors,d2f_base.json} testbed/student.tmp/
 cp runs/d2f_tiny/config.yaml testbed/student.tmp/distill_config.yaml
+cp data/distill/testbed_train.jsonl testbed/student.tmp/teacher_answers.jsonl
 if [ -f testbed/student/README.md ]; then cp testbed/student/README.md testbed/student.tmp/; fi
 rm -rf testbed/student && mv testbed/student.tmp testbed/student
 
@@ -85,13 +74,9 @@ $PY -m infer.eval --model testbed/ar --mode ar --max-new-tokens 128 \
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_ar
 $PY -m infer.eval --model testbed/teacher --mode vanilla --max-new-tokens 128 --block-size 32 --steps 128 \
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher
-$PY -m infer.eval --model testbed/teacher --mode vanilla --max-new-tokens 256 --block-size 32 --steps 256 \
-    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher_gen256
 $PY -m infer.eval --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 --tau-act 0.95 --tau-conf 0.99 \
     --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_student
-# the bidirectional teacher: vanilla, and its own weights under D2F without an adapter (the block-causal gap)
-$PY -m infer.eval --model testbed/teacher_bidir --mode vanilla --max-new-tokens 128 --block-size 32 --steps 128 \
-    --limit 500 --batch-size 50 --threads "$THREADS" --overwrite --output-dir runs/testbed_eval_teacher_bidir
-$PY -m infer.eval --model testbed/teacher_bidir --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 \
+# the teacher's own weights under D2F without an adapter: the block-causal gap the distillation closes
+$PY -m infer.eval --model testbed/teacher --mode d2f --max-new-tokens 128 --block-size 16 --tau-add 0.7 \
     --tau-act 0.95 --tau-conf 0.99 --limit 500 --batch-size 50 --threads "$THREADS" --overwrite \
-    --output-dir runs/testbed_eval_teacher_bidir_d2f
+    --output-dir runs/testbed_eval_teacher_d2f_no_adapter

@@ -37,10 +37,7 @@ SKIP = {
     "python -m infer.compare --config configs/compare_llada.yaml --output-dir outputs/compare_llada": f"{HUB}; {GPU}",
     "python -m infer.compare --config configs/compare_dream.yaml --output-dir outputs/compare_dream limit=200":
         f"{HUB}; {GPU}",
-    "python train/pretrain.py --config configs/testbed_teacher.yaml": f"{HOURS} (the AR line runs the recipe for 2 steps)",
     "python train/pretrain.py --config configs/testbed_teacher_orders.yaml":
-        f"{HOURS}; needs the orders of the line before (tests/train/test_decode_orders.py trains on such states)",
-    "python train/pretrain.py --config configs/testbed_teacher_bidir_orders.yaml":
         f"{HOURS}; needs the orders of the line before (tests/train/test_decode_orders.py trains this config's "
         "batch on such states)",
     "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml train/distill.py --config "
@@ -78,16 +75,13 @@ RUN = {
         [("+", "--limit 1 --output-dir {tmp}/e")],
     "python train/pretrain.py --config configs/testbed_ar.yaml":
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/ar")],
-    "python train/pretrain.py --config configs/testbed_teacher_bidir.yaml":
-        [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/bidir")],
-    "python train/pretrain.py --config configs/testbed_teacher_bidir_results.yaml":  # from a shipped dLLM in CI
+    "python train/pretrain.py --config configs/testbed_teacher.yaml":
+        [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/teacher")],
+    "python train/pretrain.py --config configs/testbed_teacher_results.yaml":  # from a shipped dLLM in CI
         [("+", "max_steps=2 data.num_problems=64 log_every=1 output_dir={tmp}/results init_from=testbed/teacher")],
-    "python train/decode_orders.py --model runs/testbed_teacher_bidir_results --n 640 "
-    "--out runs/decode_orders_bidir_results.pt":
-        [("runs/testbed_teacher_bidir_results", "testbed/teacher"), ("--n 640", "--n 2"),
-         ("runs/decode_orders_bidir_results.pt", "{tmp}/ob.pt")],
-    "python train/decode_orders.py --model runs/testbed_teacher --n 640 --out runs/decode_orders.pt":
-        [("runs/testbed_teacher", "testbed/teacher"), ("--n 640", "--n 2"), ("runs/decode_orders.pt", "{tmp}/o.pt")],
+    "python train/decode_orders.py --model runs/testbed_teacher_results --n 640 --out runs/decode_orders.pt":
+        [("runs/testbed_teacher_results", "testbed/teacher"), ("--n 640", "--n 2"),
+         ("runs/decode_orders.pt", "{tmp}/o.pt")],
     "python -m infer.bench --shapes tiny-llada,tiny-dream":
         [("+", "--batch-sizes 1 --samples-b1 1 --backends sdpa --no-hf --output-dir {tmp}/b")],
     "python -m infer.bench --record": [("+", "--record-problems 1 --traces {tmp}/traces.json")],

@@ -87,7 +87,9 @@ class DataSection:
     max_length: int = 512  # every sequence is padded (with EOS) / truncated to this
     limit: int | None = None  # use only the first N records
     teacher_answers: int = 0  # > 0 and `source` (a .jsonl) missing: write it first, the teacher's answers to
-    #                           this many testbed train problems (scripts/make_distill_data.py, Fast-dLLM)
+    #                           this many testbed train problems (scripts/make_distill_data.py)
+    teacher_decoding: str = "vanilla"  # how those answers are decoded: "vanilla" (one token per forward, the
+    #                                    teacher's best answers) or "fast-dllm" (prefix cache, threshold 0.9, ~10x faster)
 
 
 @dataclass
@@ -179,6 +181,8 @@ def validate(cfg: DistillConfig) -> None:
     if d.teacher_answers < 0 or (d.teacher_answers > 0 and not d.source.endswith(".jsonl")):
         raise ConfigError(f"data.teacher_answers={d.teacher_answers} needs a count >= 0 and a .jsonl data.source to "
                           f"write, got source {d.source!r}")
+    if d.teacher_decoding not in ("vanilla", "fast-dllm"):
+        raise ConfigError(f"data.teacher_decoding {d.teacher_decoding!r} is not one of 'vanilla' or 'fast-dllm'")
     if d.limit is not None and d.limit <= 0:
         raise ConfigError(f"data.limit must be > 0 (or null for all), got {d.limit}")
     for name in ("log_every",):
@@ -222,7 +226,7 @@ def check_model_source(name: str) -> None:
 
 def make_teacher_answers(cfg: DistillConfig) -> None:
     """Write data.source from the teacher on first use: its answers to data.teacher_answers testbed train
-    problems, decoded with Fast-dLLM (dual cache, threshold 0.9; the settings configs/d2f_tiny.yaml names).
+    problems, decoded as data.teacher_decoding says (gen 128, block 32: the testbed's setting).
     The main process writes (atomically, with progress lines); the others wait for the file."""
     out = Path(cfg.data.source)
     if os.environ.get("RANK", "0") != "0":
@@ -233,7 +237,7 @@ def make_teacher_answers(cfg: DistillConfig) -> None:
           "train problems first", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "make_distill_data.py"),
            "--model", cfg.model.base, "--source", "testbed", "--n", str(cfg.data.teacher_answers), "--out", str(out),
-           "--mode", "fast-dllm", "--max-new-tokens", "128", "--block-size", "32", "--batch-size", "100"]
+           "--mode", cfg.data.teacher_decoding, "--max-new-tokens", "128", "--block-size", "32", "--batch-size", "100"]
     if cfg.model.tokenizer:
         cmd += ["--tokenizer", cfg.model.tokenizer]
     if subprocess.run(cmd).returncode != 0:

@@ -227,32 +227,8 @@ def test_decode_order_config_errors(tok_dir, orders_file, tmp_path):
                        decode_order_frac=0.5, clean_prefix_frac=0, max_steps=1))
 
 
-def test_the_orders_stage_config_continues_the_teacher_recipe():
-    from d2f.yaml_config import load_config
-    from test_pretrain import REPO
-    from train.pretrain import PretrainConfig
-    stage = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml")
-    base = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml")
-    stage.validate()
-    assert stage.model == base.model and stage.data == base.data and stage.tokenizer == base.tokenizer
-    assert stage.init_from == base.output_dir and stage.decode_order_frac > 0
-
-
-def test_the_gen256_orders_stage_continues_the_orders_stage():
-    from d2f.yaml_config import load_config
-    from test_pretrain import REPO
-    from train.pretrain import PretrainConfig
-    first = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml")
-    second = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders256.yaml")
-    second.validate()
-    assert second.init_from == first.output_dir and second.decode_orders != first.decode_orders
-    assert second.model == first.model and second.tokenizer == first.tokenizer
-    assert (second.data.num_problems, second.data.seed) == (first.data.num_problems, first.data.seed)
-    assert second.data.answer_len == 256 and second.decode_order_frac > 0
-
-
-def test_the_bidirectional_orders_stage_continues_the_bidirectional_teacher(tok_dir, orders_file):
-    """configs/testbed_teacher_bidir_orders.yaml starts from the second stage's output with its model and data,
+def test_the_orders_stage_continues_the_teacher_recipe(tok_dir, orders_file):
+    """configs/testbed_teacher_orders.yaml starts from the second stage's output with its model and data,
     and every forward of its objective (decoding states, calculator-result states, semi-AR states, LLaDA SFT)
     attends fully."""
     from d2f.data.tokenizer import load_tokenizer
@@ -261,13 +237,13 @@ def test_the_bidirectional_orders_stage_continues_the_bidirectional_teacher(tok_
     from test_pretrain import REPO, FullAttentionOnly, collate
     from train.objectives import compute_loss
     from train.pretrain import PretrainConfig, build_dataset, build_decode_states, calculator_vocab, model_config
-    stage = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir_orders.yaml")
-    base = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir_results.yaml")
+    stage = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml")
+    base = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_results.yaml")
     stage.validate()
     assert stage.init_from == base.output_dir and stage.clean_prefix_frac == 0
     assert stage.decode_order_frac > 0 and stage.result_mask_frac > 0 and stage.semi_ar_frac > 0
     assert stage.model == base.model and stage.data == base.data and stage.tokenizer == base.tokenizer
-    small = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir_orders.yaml",
+    small = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_orders.yaml",
                         [f"tokenizer={tok_dir}", "data.num_problems=16", f"decode_orders={orders_file}",
                          "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
                          "model.intermediate_size=64"])

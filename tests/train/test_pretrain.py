@@ -138,7 +138,11 @@ def tiny_cfg(tok_dir, out, objective, **kw) -> PretrainConfig:
     overrides = [f"objective={objective}", f"output_dir={out}", f"tokenizer={tok_dir}", "model.hidden_size=32",
                  "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=64",
                  "data.num_problems=16", "data.answer_len=160", "batch_size=8", "lr=3e-3", "warmup_steps=2", "log_every=1",
-                 "save_every=4", "num_threads=1", "init_from="] + [f"{k}={v}" for k, v in kw.items()]
+                 "save_every=4", "num_threads=1", "init_from=",
+                 # the clean-prefix mixture these tests were written for (LLaDA SFT + a clean-prefix term), not the
+                 # shipped teacher's semi-AR mixture, which the full-attention tests below load as configured
+                 "semi_ar_frac=0", "clean_prefix_frac=0.75", "keep_checkpoints=2"]
+    overrides += [f"{k}={v}" for k, v in kw.items()]
     return load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", overrides)
 
 
@@ -287,7 +291,7 @@ def test_config_errors(tmp_path):
     cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", ["clean_prefix_frac=1.5"])
     with pytest.raises(ValueError, match="clean_prefix_frac must be in"):
         train(cfg)
-    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher_bidir.yaml", ["result_mask_frac=0.5"])
+    cfg = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml", ["result_mask_frac=0.5"])
     with pytest.raises(ValueError, match=r"clean_prefix_frac \+ decode_order_frac \+ semi_ar_frac \+ result_mask_frac "
                        r"must be <= 1 \(shares of one batch\), got 0.0 \+ 0.0 \+ 0.75 \+ 0.5"):
         train(cfg)
@@ -454,9 +458,9 @@ class FullAttentionOnly(torch.nn.Module):
         return self.model(x, position_ids, mask=mask, **kw)
 
 
-@pytest.mark.parametrize("config", ["testbed_teacher_bidir.yaml", "testbed_teacher_bidir_results.yaml"])
+@pytest.mark.parametrize("config", ["testbed_teacher.yaml", "testbed_teacher_results.yaml"])
 def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
-    """The bidirectional teacher's configs: the model is not causal, and every forward of the objective
+    """The teacher's configs: the model is not causal, and every forward of the objective
     (LLaDA SFT, semi-autoregressive and calculator-result states) attends fully, as LLaDA and Dream were
     trained."""
     from d2f.data.tokenizer import load_tokenizer
@@ -477,10 +481,11 @@ def test_teacher_recipe_trains_with_full_attention_only(tok_dir, config):
     loss = compute_loss(wrapped, small, ids, plen, torch.Generator().manual_seed(0), vocab_text=vocab)
     parts = [small.semi_ar_frac, small.result_mask_frac, 1 - small.semi_ar_frac - small.result_mask_frac]
     assert torch.isfinite(loss) and len(wrapped.kinds) == sum(f > 0 for f in parts)  # one forward per part
-    # the check can fail: the clean-prefix term of the old teacher recipe is not full attention
+    # the check can fail: a clean-prefix term (the testbed's earlier teacher recipe) is not full attention
     old = load_config(PretrainConfig, REPO / "configs" / "testbed_teacher.yaml",
-                      [f"tokenizer={tok_dir}", "data.num_problems=16", "model.hidden_size=32", "model.num_layers=1",
-                       "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=64"])
+                      ["semi_ar_frac=0", "clean_prefix_frac=0.75", f"tokenizer={tok_dir}", "data.num_problems=16",
+                       "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
+                       "model.intermediate_size=64"])
     with pytest.raises(AssertionError, match="explicit tensor"):
         compute_loss(FullAttentionOnly(build_model(model_config(old, tok), seed=0)), old, ids, plen,
                      torch.Generator().manual_seed(0))
