@@ -3,7 +3,8 @@
 #
 #   bash scripts/build_testbed.sh              # about 4 hours on a 2-core CPU (AR baseline ~55 min; teacher:
 #                                              # 10,000 + 6,000 steps, 105 min, 13 min of orders, 2,400 steps, 15 min;
-#                                              # student: teacher answers ~20 min + distillation ~7 min; evaluations ~20 min)
+#                                              # student: teacher answers ~20 min + distillation ~7 min;
+#                                              # evaluations ~20 min)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
 # Order matters: the teacher is initialised from the AR baseline's weights (configs/testbed_teacher.yaml
@@ -60,8 +61,8 @@ $PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tok
     --n "${DISTILL_N:-800}" --mode vanilla --max-new-tokens 128 --block-size 32 --batch-size 100 \
     --out data/distill/testbed_train.jsonl
 rm -rf runs/d2f_tiny
-$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny data.source=data/distill/testbed_train.jsonl \
-    eval.every=0 > runs/logs/distill.log 2>&1
+$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny \
+    data.source=data/distill/testbed_train.jsonl eval.every=0 > runs/logs/distill.log 2>&1
 rm -rf testbed/student.tmp && mkdir -p testbed/student.tmp
 cp runs/d2f_tiny/adapter/{adapter_config.json,adapter_model.safetensors,d2f_base.json} testbed/student.tmp/
 cp runs/d2f_tiny/config.yaml testbed/student.tmp/distill_config.yaml
