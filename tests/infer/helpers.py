@@ -3,6 +3,7 @@ make decoding non-trivial (the default init gives near-uniform logits), fake mod
 controlled logits."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -26,6 +27,23 @@ def random_model(name: str = "tiny-llada", seed: int = 0, std: float = 0.4, dtyp
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
     return model.eval()
+
+
+@contextlib.contextmanager
+def slow_forwards(model, seconds: float):
+    """Every forward of `model` sleeps `seconds` and is counted (yields the count as a one-item list): a decode
+    then outlives a client's hang-up on any machine, where the tiny testbed alone can finish its whole answer
+    between two round trips, and a test can tell how many forwards ran."""
+    count = [0]
+
+    def hook(module, args):
+        count[0] += 1
+        time.sleep(seconds)
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
 class ScriptedDLM(nn.Module):

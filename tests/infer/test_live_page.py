@@ -17,7 +17,7 @@ from browser import chromium_page, missing  # noqa: E402
 if missing():
     pytest.skip(missing(), allow_module_level=True)
 
-from helpers import Running  # noqa: E402
+from helpers import Running, slow_forwards  # noqa: E402
 from infer.api import DecodeConfig, format_prompt, generate  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 
@@ -85,20 +85,28 @@ def test_page_shows_server_errors(page):
     assert not page.is_visible("#error")
 
 
-def test_stop_hangs_up_and_frees_the_row(server, page):
-    """One token per forward and a long budget: slow enough to press Stop mid-decode."""
+def test_stop_hangs_up_and_frees_the_row(server, student, page):
+    """One token per forward, a long budget and slowed forwards: the decode is still running when Stop is
+    pressed, and the row is freed before the forwards the whole answer takes have run."""
+    model, tok = student
+    one_per_forward = dict(tau_conf=1.0, tau_add=1.0, tau_act=1.0, max_new_tokens=448)
+    [full] = generate(model, tok, [format_prompt(tok, QUESTION)], DecodeConfig(**{**CFG.__dict__, **one_per_forward}))
+    page.fill("#prompt", QUESTION)
     page.fill("#max-tokens", "448")  # + the prompt: within the testbed's 512 positions
+    page.fill("#block-size", "")
     for field in ("#tau-conf", "#tau-add", "#tau-act"):
         page.fill(field, "1")
-    page.click("#decode")
-    page.wait_for_function(f"window.d2fLastStep >= 3 || {SETTLED}", timeout=60_000)
-    assert page.get_attribute("#status", "data-state") == "running", page.text_content("#status")
-    page.click("#stop")
-    page.wait_for_function(SETTLED, timeout=30_000)
-    assert page.get_attribute("#status", "data-state") == "stopped"
-    for _ in range(200):
-        if server.engine.requests == 0 and not server.engine.lanes:
-            break
-        time.sleep(0.05)
-    assert server.engine.requests == 0 and not server.engine.lanes
+    with slow_forwards(server.engine.model, 0.2) as forwards:
+        page.click("#decode")
+        page.wait_for_function(f"window.d2fLastStep >= 3 || {SETTLED}", timeout=60_000)
+        assert page.get_attribute("#status", "data-state") == "running", page.text_content("#status")
+        page.click("#stop")
+        page.wait_for_function(SETTLED, timeout=30_000)
+        assert page.get_attribute("#status", "data-state") == "stopped"
+        for _ in range(200):
+            if server.engine.requests == 0 and not server.engine.lanes:
+                break
+            time.sleep(0.05)
+        assert server.engine.requests == 0 and not server.engine.lanes
+        assert forwards[0] < full.nfe  # hung up mid-decode, not freed by the answer's end
     assert page.is_enabled("#decode") and not page.is_enabled("#stop")

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from infer.api import DecodeConfig, encode_prompts, format_prompt, generate, load  # noqa: E402
 from infer.engine import Engine, Request  # noqa: E402
-from helpers import Running  # noqa: E402
+from helpers import Running, slow_forwards  # noqa: E402
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
              "A box holds 12 pens. Sam buys 5 boxes and gives away 7 pens. How many pens does he have left?",
@@ -131,18 +131,23 @@ def test_view_chunks_show_masks_filling(server, student):
 
 
 def test_client_that_leaves_frees_its_row(server, student):
+    """Slowed forwards: the row is freed before the forwards the whole answer takes have run."""
     model, tok = student
-    body = {"prompt": format_prompt(tok, QUESTIONS[3]), "max_tokens": 512, "stream": True,
-            "decode": {"tau_conf": 1.0, "tau_add": 1.0, "tau_act": 1.0}}  # one token per forward: slow
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # first chunk, then hang up
-    for _ in range(100):
-        if server.engine.requests == 0 and not server.engine.lanes:
-            break
-        time.sleep(0.05)
-    assert server.engine.requests == 0 and not server.engine.lanes
+    one_per_forward = {"tau_conf": 1.0, "tau_add": 1.0, "tau_act": 1.0}
+    full = offline(model, tok, format_prompt(tok, QUESTIONS[3]), DecodeConfig(**{**CFG.__dict__, **one_per_forward}),
+                   max_tokens=448)
+    body = {"prompt": format_prompt(tok, QUESTIONS[3]), "max_tokens": 448, "stream": True, "decode": one_per_forward}
+    with slow_forwards(server.engine.model, 0.2) as forwards:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # first chunk, then hang up
+        for _ in range(100):
+            if server.engine.requests == 0 and not server.engine.lanes:
+                break
+            time.sleep(0.05)
+        assert server.engine.requests == 0 and not server.engine.lanes
+        assert forwards[0] < full.nfe
 
 
 def test_models_and_health(server):
