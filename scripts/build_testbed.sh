@@ -57,16 +57,17 @@ $PY train/pretrain.py --config configs/testbed_teacher_orders.yaml num_threads="
 export_model teacher testbed_teacher_orders
 
 echo "== D2F student: the teacher's answers to train problems (vanilla decoding, ~20 min), then distillation"
-$PY scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer --source testbed \
-    --n "${DISTILL_N:-800}" --mode vanilla --max-new-tokens 128 --block-size 32 --batch-size 100 \
-    --out data/distill/testbed_train.jsonl
+# distill.py writes a missing data.source first (data.teacher_answers problems, decoded as
+# data.teacher_decoding says); answers older than the teacher are stale and written again
+answers=data/distill/testbed_train.jsonl
+if [ -f "$answers" ] && [ testbed/teacher/model.safetensors -nt "$answers" ]; then rm -f "$answers"; fi
 rm -rf runs/d2f_tiny
-$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny \
-    data.source=data/distill/testbed_train.jsonl eval.every=0 > runs/logs/distill.log 2>&1
+$PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny data.source="$answers" \
+    data.teacher_answers="${DISTILL_N:-800}" eval.every=0 > runs/logs/distill.log 2>&1
 rm -rf testbed/student.tmp && mkdir -p testbed/student.tmp
 cp runs/d2f_tiny/adapter/{adapter_config.json,adapter_model.safetensors,d2f_base.json} testbed/student.tmp/
 cp runs/d2f_tiny/config.yaml testbed/student.tmp/distill_config.yaml
-cp data/distill/testbed_train.jsonl testbed/student.tmp/teacher_answers.jsonl
+cp "$answers" testbed/student.tmp/teacher_answers.jsonl
 if [ -f testbed/student/README.md ]; then cp testbed/student/README.md testbed/student.tmp/; fi
 rm -rf testbed/student && mv testbed/student.tmp testbed/student
 
