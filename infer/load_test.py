@@ -103,9 +103,15 @@ TESTBED_SERVER_ARGS = ["--max-new-tokens", "128", "--block-size", "16", "--tau-a
                        "--tau-conf", "0.99"]
 
 
+def serve_args(server_args: list[str]) -> list[str]:
+    """The testbed D2F setting, then the user's options: serve keeps an option's last value, so each one given
+    replaces that setting and the rest stay (`-- --windows union` alone must not drop the thresholds)."""
+    return TESTBED_SERVER_ARGS + list(server_args or [])
+
+
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "infer.serve", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-queue", str(max(256, max(args.levels) * 2))] + (args.server_args or TESTBED_SERVER_ARGS)
+           "--max-queue", str(max(256, max(args.levels) * 2))] + serve_args(args.server_args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -147,8 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--output-dir", default="outputs/load_test")
     p.add_argument("server_args", nargs="*", help="after --: options for `python -m infer.serve` (model, decode "
-                                                  "settings; default: the testbed D2F setting, "
-                                                  "configs/compare_testbed.yaml)")
+                                                  "settings), added to the testbed D2F setting "
+                                                  "(configs/compare_testbed.yaml); each one given replaces its value")
     args = p.parse_args(argv)
     try:
         args.levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
     md = table(rows)
     meta = {"url": url if args.url else "started here", "server": health, "requests": args.requests,
             "max_tokens": args.max_tokens, "shots": args.shots, "date": time.strftime("%Y-%m-%d"),
-            "server_args": args.server_args or TESTBED_SERVER_ARGS}
+            "server_args": serve_args(args.server_args)}
     (out_dir / "load_test.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out_dir / "load_test.md").write_text(md + "\n")
     print(md)

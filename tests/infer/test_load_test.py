@@ -36,3 +36,14 @@ def test_bad_levels_are_one_line():
         load_test.parse_args(["--concurrency", "1,x"])
     with pytest.raises(UserError, match=">= 1"):
         load_test.parse_args(["--concurrency", "0"])
+
+
+def test_server_options_replace_only_their_own_testbed_values():
+    from infer import serve
+    from infer.load_test import serve_args
+    got = serve.parse_args(serve_args(["--windows", "union", "--tau-conf", "0.9"]))
+    want = serve.parse_args(serve_args([]))
+    assert got.windows == "union" and want.windows == "rows"
+    assert got.decode_tau_conf == "0.9" and want.decode_tau_conf == "0.99"
+    kept = ("decode_tau_add", "decode_tau_act", "decode_block_size", "decode_max_new_tokens")
+    assert [getattr(got, k) for k in kept] == [getattr(want, k) for k in kept] == ["0.7", "0.95", "16", "128"]
