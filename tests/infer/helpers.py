@@ -46,6 +46,13 @@ def slow_forwards(model, seconds: float):
         handle.remove()
 
 
+def wait_freed(engine, timeout: float) -> None:
+    """Wait up to `timeout` seconds for a started engine to hold no request and no lane (a row freed after a
+    client left); the caller asserts the state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (engine.requests != 0 or engine.lanes):
+        time.sleep(0.05)
+
 class ScriptedDLM(nn.Module):
     """A fake diffusion LM: at answer position j (buffer index prompt_len + j) it predicts
     `script[j]` with logit margin `margin` (one float, or one per position) over all other tokens,

@@ -4,7 +4,6 @@ once (D2F's pipeline), counts the forwards the server counted, and shows a serve
 
 Skips where Chromium (/usr/bin/chromium, or D2F_CHROMIUM) or the playwright package is missing; CI
 installs both (.ci/run, the dev extra)."""
-import time
 
 import pytest
 
@@ -17,7 +16,7 @@ from browser import chromium_page, missing  # noqa: E402
 if missing():
     pytest.skip(missing(), allow_module_level=True)
 
-from helpers import Running, slow_forwards  # noqa: E402
+from helpers import Running, slow_forwards, wait_freed  # noqa: E402
 from infer.api import DecodeConfig, format_prompt, generate  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 
@@ -103,10 +102,7 @@ def test_stop_hangs_up_and_frees_the_row(server, student, page):
         page.click("#stop")
         page.wait_for_function(SETTLED, timeout=30_000)
         assert page.get_attribute("#status", "data-state") == "stopped"
-        for _ in range(200):
-            if server.engine.requests == 0 and not server.engine.lanes:
-                break
-            time.sleep(0.05)
+        wait_freed(server.engine, 10)
         assert server.engine.requests == 0 and not server.engine.lanes
         assert forwards[0] < full.nfe  # hung up mid-decode, not freed by the answer's end
     assert page.is_enabled("#decode") and not page.is_enabled("#stop")

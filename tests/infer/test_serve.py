@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from infer.api import DecodeConfig, encode_prompts, format_prompt, generate, load  # noqa: E402
 from infer.engine import Engine, Request  # noqa: E402
-from helpers import Running, slow_forwards  # noqa: E402
+from helpers import Running, slow_forwards, wait_freed  # noqa: E402
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
              "A box holds 12 pens. Sam buys 5 boxes and gives away 7 pens. How many pens does he have left?",
@@ -142,10 +142,7 @@ def test_client_that_leaves_frees_its_row(server, student):
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # first chunk, then hang up
-        for _ in range(100):
-            if server.engine.requests == 0 and not server.engine.lanes:
-                break
-            time.sleep(0.05)
+        wait_freed(server.engine, 5)
         assert server.engine.requests == 0 and not server.engine.lanes
         assert forwards[0] < full.nfe
 
