@@ -3,7 +3,8 @@
 #
 #   bash scripts/build_testbed.sh              # about 4 hours on a 2-core CPU (AR baseline ~55 min; teacher:
 #                                              # 10,000 + 6,000 steps, 105 min, 13 min of orders, 2,400 steps, 15 min;
-#                                              # student: teacher answers ~20 min + distillation ~7 min;
+#                                              # student: teacher answers ~20 min + distillation ~7 min
+#                                              # + a round on its own decoding states ~4 min;
 #                                              # evaluations ~20 min)
 #   THREADS=2 bash scripts/build_testbed.sh    # torch threads per process
 #
@@ -64,9 +65,15 @@ if [ -f "$answers" ] && [ testbed/teacher/model.safetensors -nt "$answers" ]; th
 rm -rf runs/d2f_tiny
 $PY train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny data.source="$answers" \
     data.teacher_answers="${DISTILL_N:-800}" eval.every=0 > runs/logs/distill.log 2>&1
+echo "== D2F student, second round: half of each batch from the states its own D2F decoding visits (~4 min)"
+# records runs/d2f_tiny/student_states.pt from runs/d2f_tiny/adapter first (configs/d2f_tiny_states.yaml)
+rm -rf runs/d2f_tiny_states runs/d2f_tiny/student_states.pt
+$PY train/distill.py --config configs/d2f_tiny_states.yaml output_dir=runs/d2f_tiny_states data.source="$answers" \
+    > runs/logs/distill_states.log 2>&1
 rm -rf testbed/student.tmp && mkdir -p testbed/student.tmp
-cp runs/d2f_tiny/adapter/{adapter_config.json,adapter_model.safetensors,d2f_base.json} testbed/student.tmp/
+cp runs/d2f_tiny_states/adapter/{adapter_config.json,adapter_model.safetensors,d2f_base.json} testbed/student.tmp/
 cp runs/d2f_tiny/config.yaml testbed/student.tmp/distill_config.yaml
+cp runs/d2f_tiny_states/config.yaml testbed/student.tmp/distill_states_config.yaml
 cp "$answers" testbed/student.tmp/teacher_answers.jsonl
 if [ -f testbed/student/README.md ]; then cp testbed/student/README.md testbed/student.tmp/; fi
 rm -rf testbed/student && mv testbed/student.tmp testbed/student

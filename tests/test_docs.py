@@ -85,9 +85,6 @@ RUN = {
     "python -m infer.bench --shapes tiny-llada,tiny-dream":
         [("+", "--batch-sizes 1 --samples-b1 1 --backends sdpa --no-hf --output-dir {tmp}/b")],
     "python -m infer.bench --record": [("+", "--record-problems 1 --traces {tmp}/traces.json")],
-    "python train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny":
-        [("runs/d2f_tiny", "{tmp}/d2f"),
-         ("+", "data.source={tmp}/distill.jsonl data.teacher_answers=8 max_steps=2 eval.every=0")],
 }
 
 # commands that run in this order in one test, each with its own changes
@@ -100,6 +97,14 @@ CHAINS = {
          "max_steps=30 output_dir=runs/try",
          [("data/distill/try.jsonl", "{tmp}/try.jsonl"), ("max_steps=30", "max_steps=2"), ("runs/try", "{tmp}/try"),
           ("+", "eval.every=0")]),
+    ],
+    "student-rounds": [  # round 1, then the round on its own decoding states (recorded on first use)
+        ("python train/distill.py --config configs/d2f_tiny.yaml output_dir=runs/d2f_tiny",
+         [("runs/d2f_tiny", "{tmp}/d2f"),
+          ("+", "data.source={tmp}/distill.jsonl data.teacher_answers=8 max_steps=2 eval.every=0")]),
+        ("python train/distill.py --config configs/d2f_tiny_states.yaml",
+         [("+", "model.adapter={tmp}/d2f/adapter data.student_states={tmp}/d2f/student_states.pt "
+                "data.source={tmp}/distill.jsonl output_dir={tmp}/states max_steps=2")]),
     ],
 }
 

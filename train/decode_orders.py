@@ -100,16 +100,23 @@ def load_decode_orders(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"decode_orders file {str(path)!r} does not exist; write it with "
                                 f"`python train/decode_orders.py --model <teacher> --n <problems> --out {path}`")
+    return load_recording(path, "decode_orders", {"orders", "references", "gen_len", "block_size", "steps",
+                                                  "num_problems", "seed"}, "train/decode_orders.py")
+
+
+def load_recording(path: Path, kind: str, keys: set[str], script: str) -> dict:
+    """A dict a recorder wrote with torch.save (this file's, train/student_states.py's), checked for `keys`;
+    anything else is one clear error naming the file and the script that writes one."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding objects we never write
-        raise ConfigError(f"{str(path)!r} is not a decode_orders file ({type(e).__name__}); write one with "
-                          "`python train/decode_orders.py`") from None
+        raise ConfigError(f"{str(path)!r} is not a {kind} file ({type(e).__name__}); write one with "
+                          f"`python {script}`") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{str(path)!r} is not a decode_orders file (it holds a {type(d).__name__})")
-    missing = {"orders", "references", "gen_len", "block_size", "steps", "num_problems", "seed"} - set(d)
+        raise ConfigError(f"{str(path)!r} is not a {kind} file (it holds a {type(d).__name__})")
+    missing = set(keys) - set(d)
     if missing:
-        raise ConfigError(f"{str(path)!r} is not a decode_orders file (missing {sorted(missing)})")
+        raise ConfigError(f"{str(path)!r} is not a {kind} file (missing {sorted(missing)})")
     return d
 
 

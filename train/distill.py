@@ -12,6 +12,10 @@ that grow along the answer (`d2f.noise`), run the same noisy batch through
 and pull the student's distribution at masked positions towards the teacher's (`d2f.losses`).
 Only the LoRA weights train. The result is a standard PEFT adapter on top of the teacher.
 
+A second round (configs/d2f_tiny_states.yaml) starts from such an adapter (model.adapter) and draws part of
+each batch from the states its own D2F decoding visits (data.student_states, train/student_states.py), which
+the teacher reads with full attention and the student block-causally, as above.
+
 Data: a hub data set or a .jsonl with a prompt (`prompt`/`question`) and an answer
 (`answer`/`response`) field -- or pre-tokenized `prompt_ids`/`answer_ids`. Each sample becomes
 `prompt + answer + EOS padding`, truncated to data.max_length (no packing); answers should come
@@ -49,6 +53,9 @@ from train.checkpoint import save_checkpoint
 from train.loop import (RunLog, checkpoint_due, find_resume, finish, make_accelerator, optimizer_step, resume,
                         write_run_config)
 from train.schedule import KINDS, warmup_then_decay
+from train.student_states import StudentStates, load_student_states
+
+REPO = Path(__file__).resolve().parents[1]
 
 # LoRA targets of the public D2F recipe: the attention projections, by our (= the public
 # checkpoints') module names.
@@ -66,6 +73,8 @@ class ModelSection:
     tokenizer: str | None = None  # default: same as base (not needed for pre-tokenized data)
     dtype: str = "bfloat16"  # weights of the frozen base; LoRA weights train in float32
     gradient_checkpointing: bool = False
+    adapter: str = ""  # start the LoRA from this adapter dir (a round on the student's own decoding states
+    #                    continues the student it recorded); its r, alpha and targets must be lora's
 
 
 @dataclass
@@ -90,6 +99,9 @@ class DataSection:
     #                           this many testbed train problems (scripts/make_distill_data.py)
     teacher_decoding: str = "vanilla"  # how those answers are decoded: "vanilla" (one token per forward, the
     #                                    teacher's best answers) or "fast-dllm" (prefix cache, threshold 0.9, ~10x faster)
+    student_states: str = ""  # a train/student_states.py file: the states model.adapter's D2F decoding visits;
+    #                           written on first use (testbed D2F setting) when it does not exist
+    student_state_frac: float = 0.0  # share of each micro-batch drawn from those states instead of the data
 
 
 @dataclass
@@ -197,6 +209,25 @@ def validate(cfg: DistillConfig) -> None:
                           f"{e.every}, num_prompts={e.num_prompts}, max_new_tokens={e.max_new_tokens}")
     if cfg.targets not in ("teacher", "data"):
         raise ConfigError(f"targets {cfg.targets!r} is not one of 'teacher' (distillation) or 'data' (masked-token CE)")
+    if not 0.0 <= d.student_state_frac < 1.0:
+        raise ConfigError(f"data.student_state_frac must be in [0, 1), got {d.student_state_frac}")
+    n_states = round(cfg.batch_size * d.student_state_frac)
+    if d.student_state_frac > 0:
+        if not d.student_states:
+            raise ConfigError("data.student_state_frac > 0 needs data.student_states (a train/student_states.py file, "
+                              "written on first use from model.adapter)")
+        if not 0 < n_states < cfg.batch_size:
+            raise ConfigError(f"data.student_state_frac={d.student_state_frac} of batch_size {cfg.batch_size} rounds to "
+                              f"{n_states} states per micro-batch; it must leave at least one state and one data sample")
+        if not Path(d.student_states).is_file() and not cfg.model.adapter:
+            raise ConfigError(f"data.student_states {d.student_states!r} does not exist and model.adapter is empty: the "
+                              "states are recorded from a student; set model.adapter to its adapter dir")
+        if not Path(d.student_states).is_file() and cfg.eval.max_new_tokens % n.block_size:
+            raise ConfigError(f"the student states are recorded with eval.max_new_tokens={cfg.eval.max_new_tokens} "
+                              f"answer slots, which noise.block_size={n.block_size} must divide")
+        if cfg.targets == "data":
+            raise ConfigError("targets=data trains on clean tokens, which decoding states do not have; use "
+                              "targets=teacher with data.student_state_frac > 0")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype {cfg.model.dtype!r} is not one of float32, bfloat16, float16")
 
@@ -220,6 +251,23 @@ def check_model_source(name: str) -> None:
     refs.check("model", name, ConfigError, name="model.base")
 
 
+def check_adapter(m: ModelSection, lora: LoraSection) -> None:
+    """model.adapter, when set: an adapter dir whose LoRA shape is lora's (its weights are loaded into it)."""
+    if not m.adapter:
+        return
+    import json
+    path = Path(m.adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.adapter {m.adapter!r} is not a LoRA adapter directory (no adapter_config.json); "
+                          "point it at the adapter/ of a finished run")
+    a = json.loads(path.read_text())
+    have = (a.get("r"), a.get("lora_alpha"), sorted(a.get("target_modules") or []))
+    want = (lora.r, lora.alpha, sorted(lora.target_modules or have[2]))
+    if have != want:
+        raise ConfigError(f"model.adapter {m.adapter!r} has r={have[0]}, alpha={have[1]}, targets={have[2]}, but lora "
+                          f"is r={want[0]}, alpha={want[1]}, targets={want[2]}: set lora to the adapter's shape")
+
+
 # =============================================================================================
 # Data: records -> token ids -> fixed-length sequences
 # =============================================================================================
@@ -229,19 +277,38 @@ def make_teacher_answers(cfg: DistillConfig) -> None:
     problems, decoded as data.teacher_decoding says (gen 128, block 32: the testbed's setting).
     The main process writes (atomically, with progress lines); the others wait for the file."""
     out = Path(cfg.data.source)
-    if os.environ.get("RANK", "0") != "0":
-        while not out.is_file():
-            time.sleep(2)  # the launcher stops every process if the main one fails
-        return
-    print(f"[distill] {out} does not exist: writing the teacher's answers to {cfg.data.teacher_answers} testbed "
-          "train problems first", flush=True)
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "make_distill_data.py"),
+    cmd = [sys.executable, str(REPO / "scripts" / "make_distill_data.py"),
            "--model", cfg.model.base, "--source", "testbed", "--n", str(cfg.data.teacher_answers), "--out", str(out),
            "--mode", cfg.data.teacher_decoding, "--max-new-tokens", "128", "--block-size", "32", "--batch-size", "100"]
     if cfg.model.tokenizer:
         cmd += ["--tokenizer", cfg.model.tokenizer]
+    write_first(out, cmd, f"the teacher's answers to {cfg.data.teacher_answers} testbed train problems")
+
+
+def make_student_states(cfg: DistillConfig) -> None:
+    """Write data.student_states on first use: model.adapter's D2F decoding of the data's prompts, with
+    eval.max_new_tokens answer slots, block noise.block_size and the recorder's thresholds (tau_add 0.7,
+    tau_act 0.95, tau_conf 0.99: the testbed's); for others run train/student_states.py yourself."""
+    d = cfg.data
+    cmd = [sys.executable, str(REPO / "train" / "student_states.py"), "--model", cfg.model.base,
+           "--adapter", cfg.model.adapter, "--data", d.source, "--split", d.split, "--block", str(cfg.noise.block_size),
+           "--gen", str(cfg.eval.max_new_tokens), "--out", d.student_states,
+           "--chat-template" if d.chat_template else "--no-chat-template"]
+    for flag, value in (("--prompt-field", d.prompt_field), ("--limit", d.limit), ("--tokenizer", cfg.model.tokenizer)):
+        if value:
+            cmd += [flag, str(value)]
+    write_first(Path(d.student_states), cmd, f"the states {cfg.model.adapter}'s D2F decoding visits")
+
+
+def write_first(out: Path, cmd: list[str], what: str) -> None:
+    """Run `cmd`, which writes `out` atomically, on the main process; the others wait for the file."""
+    if os.environ.get("RANK", "0") != "0":
+        while not out.is_file():
+            time.sleep(2)  # the launcher stops every process if the main one fails
+        return
+    print(f"[distill] {out} does not exist: writing {what} first", flush=True)
     if subprocess.run(cmd).returncode != 0:
-        raise ConfigError(f"could not write the teacher's answers to {str(out)!r} (see the lines above)")
+        raise ConfigError(f"could not write {str(out)!r} (see the lines above)")
 
 
 def tokenizer_source(m: ModelSection) -> str | None:
@@ -258,21 +325,17 @@ def load_tokenizer(name: str):
     return refs.load_tokenizer(name, ConfigError, fix="set model.tokenizer to a directory holding tokenizer.json")
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
-    from d2f.data.tokenizer import chat_text
-    return tokenizer(chat_text(tokenizer, text, chat_template), add_special_tokens=False)["input_ids"]
-
-
 def tokenize(records, pf: str, af: str, tokenizer, chat_template: bool, answer_end: str | None):
     """[(prompt_ids, answer_ids)] -- the answer without EOS (added when padding)."""
     if pf == "prompt_ids":
         return [(list(r[pf]), list(r[af])) for r in records]
     if tokenizer is None:
         raise ConfigError("text data needs a tokenizer: set model.tokenizer (or use a model.base that ships one)")
+    from d2f.data.tokenizer import prompt_ids
     end = []
     if answer_end:
         end = tokenizer(answer_end, add_special_tokens=False)["input_ids"]
-    return [(encode_prompt(tokenizer, str(r[pf]), chat_template),
+    return [(prompt_ids(tokenizer, str(r[pf]), chat_template),
              tokenizer(str(r[af]), add_special_tokens=False)["input_ids"] + end) for r in records]
 
 
@@ -366,22 +429,38 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
 # =============================================================================================
 
 def distill_step(model, peft_model, ids, prompt_len, noise: NoiseSection, mask_id: int, eos_id: int,
-                 logits_shift: int, generator: torch.Generator, targets: str = "teacher") -> dict:
+                 logits_shift: int, generator: torch.Generator, targets: str = "teacher",
+                 states: StudentStates | None = None, n_states: int = 0) -> dict:
     """Noise the batch, run teacher (full attention) and student (block-causal), return loss parts.
 
     model: the (possibly DDP/DeepSpeed-wrapped) student used for the gradient; peft_model: the
     unwrapped PeftModel, whose `disable_adapter()` gives the teacher without a second copy.
+    states, n_states: also draw n_states of the student's own decoding states (after the noise, from the
+    same generator) and run them in the same forwards; their loss is the soft cross-entropy at their
+    in-flight masked slots (weight 1: no ratio drew them), and `loss` is the two parts' mean weighted by
+    their number of samples. Their parts are logged as states_kl and states_agreement.
     """
     noised = add_block_noise(ids, prompt_len, noise.block_size, mask_id, generator,
                              noise.schedule, noise.p_min, noise.p_max)
     masked = noised.masked
     if not noise.loss_on_eos_blocks:
         masked = masked & ~padding_blocks(ids, prompt_len, noise.block_size, eos_id)
+    x, plen, key_valid = noised.noisy_ids, prompt_len, None
+    n = ids.shape[0]
+    if n_states:
+        sx, splen, skv, loss_at = (t.to(ids.device) for t in states.sample(n_states, generator))
+        x, plen = torch.cat([x, sx]), torch.cat([plen, splen])  # (n + n_states, L), (n + n_states,)
+        key_valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), skv])  # states are right-padded
     with torch.no_grad(), peft_model.disable_adapter():
-        teacher_logits = peft_model(noised.noisy_ids)  # (B, L, V) full attention
-    student_logits = model(noised.noisy_ids, mask=masks.block_causal(prompt_len, noise.block_size))
-    return d2f_distill_loss(student_logits, teacher_logits, masked, noised.ratio, logits_shift,
-                            data_targets=ids if targets == "data" else None)
+        teacher_logits = peft_model(x, mask=masks.full(key_valid) if n_states else None)  # (B, L, V) full attention
+    student_logits = model(x, mask=masks.block_causal(plen, noise.block_size, key_valid))
+    parts = d2f_distill_loss(student_logits[:n], teacher_logits[:n], masked, noised.ratio, logits_shift,
+                             data_targets=ids if targets == "data" else None)
+    if not n_states:
+        return parts
+    sp = d2f_distill_loss(student_logits[n:], teacher_logits[n:], loss_at, loss_at.float(), logits_shift)
+    parts["loss"] = (n * parts["loss"] + n_states * sp["loss"]) / (n + n_states)
+    return {**parts, "states_kl": sp["kl"], "states_agreement": sp["agreement"]}
 
 
 # =============================================================================================
@@ -405,7 +484,8 @@ def make_eval(cfg: DistillConfig, tokenizer, records, pf: str):
     if pf == "prompt_ids":
         prompts = [list(r[pf]) for r in records]
     else:
-        prompts = [encode_prompt(tokenizer, str(r[pf]), cfg.data.chat_template) for r in records]
+        from d2f.data.tokenizer import prompt_ids
+        prompts = [prompt_ids(tokenizer, str(r[pf]), cfg.data.chat_template) for r in records]
     missing = [i for i, r in enumerate(records) if ev.gold_field and ev.gold_field not in r]
     if missing:
         raise ConfigError(f"eval.gold_field {ev.gold_field!r} is not a field of eval record {missing[0]} (its fields: "
@@ -521,25 +601,40 @@ def main(argv=None) -> dict:
     check_output_dir(cfg.output_dir, "output_dir", ConfigError)
     check_data_source(cfg.data)
     check_model_source(cfg.model.base)
+    check_adapter(cfg.model, cfg.lora)
     ckpt, changed = find_resume(cfg, RESUME_FIXED)
     mcfg, targets, tokenizer, records, pf, ids_all, plen_all, dropped = load_sequences(cfg)
+    states, n_states = None, round(cfg.batch_size * cfg.data.student_state_frac)
+    if n_states:
+        if not Path(cfg.data.student_states).is_file():
+            make_student_states(cfg)
+        states = StudentStates(load_student_states(cfg.data.student_states), mcfg.mask_token_id, cfg.data.max_length,
+                               cfg.noise.block_size, mcfg.embedding_size)
+    n_data = cfg.batch_size - n_states  # data samples per micro-batch
 
     # ---- 2. processes, model, optimizer ------------------------------------------------------
     accelerator = make_accelerator(gradient_accumulation_steps=cfg.grad_accum)  # 1 process, DDP or DeepSpeed
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     n_seq = ids_all.shape[0]
-    if n_seq < cfg.batch_size * world:
+    if n_seq < n_data * world:
         raise ConfigError(f"the data has {n_seq} usable samples, fewer than one global batch "
-                          f"(batch_size {cfg.batch_size} x {world} processes)")
+                          f"({n_data} data samples per micro-batch x {world} processes)")
     configure_deepspeed(accelerator, cfg)
     out_dir = Path(cfg.output_dir)
     write_run_config(accelerator, cfg, out_dir)
     if main_proc:
         print(f"[distill] {n_seq} sequences of {cfg.data.max_length} tokens ({dropped} dropped: prompt too long), "
               f"{world} process(es)")
+        if states is not None:
+            print(f"[distill] {len(states)} decoding states of {cfg.data.student_states} ({states.dropped} dropped: too "
+                  f"long), {n_states} per micro-batch beside {n_data} data samples")
 
     torch.manual_seed(cfg.seed + rank)
     peft_model = build_student(cfg, accelerator, targets)
+    if cfg.model.adapter:  # a resumed run's checkpoint replaces these weights below
+        from d2f.models.io import check_adapter_base
+        check_adapter_base(peft_model.get_base_model(), cfg.model.adapter, cfg.model.base)
+        load_adapter_weights(peft_model, Path(cfg.model.adapter))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -571,17 +666,17 @@ def main(argv=None) -> dict:
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         tokens = 0
         for _ in range(cfg.grad_accum):
-            idx = micro_batch(n_seq, cfg.batch_size, world, rank, cfg.seed, micro)
+            idx = micro_batch(n_seq, n_data, world, rank, cfg.seed, micro)
             ids, plen = ids_all[idx].to(accelerator.device), plen_all[idx].to(accelerator.device)  # (b, L), (b,)
             # noise is a pure function of (seed, rank, data position): exact resume for free
             gen = torch.Generator().manual_seed(hash((cfg.seed, rank, micro)) & (2**62 - 1))
             with accelerator.accumulate(model):
                 parts = distill_step(model, peft_model, ids, plen, cfg.noise, mask_id, eos_id, logits_shift, gen,
-                                     cfg.targets)
+                                     cfg.targets, states, n_states)
                 accelerator.backward(parts["loss"])
                 grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, o.grad_clip)
             micro += 1
-            tokens += ids.numel() * world
+            tokens += (ids.numel() + n_states * ids.shape[1]) * world
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         step += 1

@@ -89,9 +89,10 @@ def chat_text(tokenizer, text: str, chat: bool = True) -> str:
     return text
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """Token ids of the chat-formatted question, ending with the assistant marker (the generation prompt)."""
-    return tokenizer(chat_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, question: str, chat: bool = True) -> list[int]:
+    """Token ids of the chat-formatted question, ending with the assistant marker (the generation prompt);
+    chat=False: of the question as it is."""
+    return tokenizer(chat_text(tokenizer, question, chat), add_special_tokens=False)["input_ids"]
 
 
 def encode_problems(problems: list[dict], tokenizer, answer_len: int,

@@ -404,7 +404,7 @@ def test_ddp_and_deepspeed_two_processes_train_identically(work, tmp_path):
         assert losses["cpu_ddp"][s] == pytest.approx(losses["cpu_zero2"][s], rel=1e-4), s
 
 
-@pytest.mark.parametrize("name", ["d2f_llada", "d2f_dream", "d2f_tiny"])
+@pytest.mark.parametrize("name", ["d2f_llada", "d2f_dream", "d2f_tiny", "d2f_tiny_states"])
 def test_shipped_configs_parse_and_follow_the_public_recipe(name):
     import yaml
     from d2f.yaml_config import load_config
@@ -415,7 +415,7 @@ def test_shipped_configs_parse_and_follow_the_public_recipe(name):
     assert (cfg.noise.block_size, cfg.noise.schedule, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == \
         (16, "monotone", 32, 32, 0.1)
     assert (cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.grad_clip) == ([0.9, 0.95], 0.05, 1.0)
-    if name != "d2f_tiny":
+    if not name.startswith("d2f_tiny"):
         arch = "llada" if "llada" in name else "dream"
         assert cfg.lora.target_modules == DEFAULT_TARGETS[arch]
         assert (cfg.optim.lr, cfg.data.max_length, cfg.model.dtype) == (1e-5, 512, "bfloat16")
@@ -426,6 +426,21 @@ def test_shipped_configs_parse_and_follow_the_public_recipe(name):
         assert a["num_processes"] >= 2
         if "zero2" in acc:
             assert a["distributed_type"] == "DEEPSPEED" and a["deepspeed_config"]["zero_stage"] == 2
+
+
+def test_student_rounds_chain():
+    """The states round continues configs/d2f_tiny.yaml's adapter with the same LoRA, noise and data, records its
+    states under that run, and scripts/build_testbed.sh ships the round's adapter as testbed/student."""
+    from d2f.yaml_config import load_config
+    from train.distill import DistillConfig
+    first, second = (load_config(DistillConfig, REPO / f"configs/{n}.yaml") for n in ("d2f_tiny", "d2f_tiny_states"))
+    assert second.model.adapter == f"{first.output_dir}/adapter" and not first.model.adapter
+    assert Path(second.data.student_states).parent == Path(first.output_dir) and second.data.student_state_frac == 0.5
+    assert (second.lora, second.noise, second.model.base) == (first.lora, first.noise, first.model.base)
+    assert (second.data.source, second.data.max_length) == (first.data.source, first.data.max_length)
+    build = (REPO / "scripts" / "build_testbed.sh").read_text()
+    assert "--config configs/d2f_tiny_states.yaml output_dir=runs/d2f_tiny_states" in build
+    assert "cp runs/d2f_tiny_states/adapter/{adapter_config.json,adapter_model.safetensors" in build
 
 
 def test_loss_on_eos_blocks_switch_drops_padding_blocks_from_the_loss():
@@ -464,3 +479,70 @@ def test_d2f_tiny_writes_the_teacher_answers_it_needs_on_first_use(tmp_path):
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     assert len(rows) == 4 and all(r["answer"] and "question" in r for r in rows)
     assert res["step"] == 1 and (tmp_path / "run" / "adapter" / "d2f_base.json").is_file()
+
+
+# ---- a round on the student's own decoding states (data.student_states) -----------------------
+
+def states_round(work, out, states, *extra):
+    """A 4-step round continuing full_run's adapter, half of each batch from its recorded decoding states."""
+    return run_main(["--config", str(work / "cfg.yaml"), f"output_dir={out}",
+                     f"model.adapter={work / 'full' / 'adapter'}", f"data.student_states={states}", "data.student_state_frac=0.5", "eval.max_new_tokens=16",
+                     "max_steps=4", *extra])
+
+
+def states_kl(peft_model, states_file, mask_id=127):
+    """KL(teacher || student) at the in-flight masked slots of 32 fixed recorded states."""
+    from d2f.masks import full
+    from train.student_states import StudentStates, load_student_states
+    s = StudentStates(load_student_states(states_file), mask_id, 32, 8)
+    x, plen, kv, at = s.sample(32, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        student = peft_model(x, mask=block_causal(plen, 8, kv))
+        with peft_model.disable_adapter():
+            teacher = peft_model(x, mask=full(kv))
+    return d2f_distill_loss(student, teacher, at, at.float())["kl"].item()
+
+
+def test_states_round_records_on_first_use_continues_the_adapter_and_fits_the_states(work, full_run, tmp_path):
+    states = tmp_path / "states.pt"
+    res = states_round(work, tmp_path / "round", states)
+    d = torch.load(states, weights_only=True)
+    assert len(d["prompts"]) == 64 and d["gen_len"] == 16 and d["block_size"] == 8 and d["adapter"].endswith("adapter")
+    rec = [json.loads(x) for x in (tmp_path / "round" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/states_kl" in r and "train/kl" in r for r in rec if "train/loss" in r)
+    # the round starts from the adapter: with lr ~0 its weights stay the adapter's
+    frozen = states_round(work, tmp_path / "frozen", states, "optim.lr=1e-12")
+    a = load_file(str(work / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "frozen" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    before = states_kl(frozen["model"].eval(), states)
+    after = states_kl(res["model"].eval(), states)
+    assert after < 0.8 * before, (before, after)  # the round pulls the student to the teacher on its states
+
+
+def test_states_round_resumes_exactly(work, full_run, tmp_path):
+    states = tmp_path / "states.pt"
+    states_round(work, tmp_path / "a", states)
+    out2 = tmp_path / "b"
+    out2.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", out2 / "checkpoint-2")
+    states_round(work, out2, states)
+    want, got = losses_by_step(tmp_path / "a"), losses_by_step(out2)
+    assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in (3, 4)), (got, want)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.student_state_frac=0.5", "data.student_state_frac > 0 needs data.student_states"),
+    ("data.student_state_frac=1.0", r"data.student_state_frac must be in \[0, 1\)"),
+    ("data.student_states={d}/none.pt data.student_state_frac=0.5", "does not exist and model.adapter is empty"),
+    ("data.student_states={d}/none.pt data.student_state_frac=0.1", "rounds to 0 states per micro-batch"),
+    ("model.adapter={d}/none", r"model.adapter '.*/none' is not a LoRA adapter directory"),
+    ("model.adapter={d}/full/adapter lora.r=4", r"has r=8, alpha=16, .* but lora is r=4"),
+    ("model.adapter={d}/full/adapter data.student_states={d}/none.pt data.student_state_frac=0.5 targets=data",
+     "targets=data trains on clean tokens"),
+])
+def test_states_round_bad_input_fails_before_compute(work, full_run, tmp_path, override, message):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message):
+        run_main(["--config", str(work / "cfg.yaml"), *override.format(d=work).split(), f"output_dir={out}"])
+    assert not out.exists()

@@ -1,5 +1,5 @@
 """train/ is a package of library modules (loop, objectives, checkpoint, schedule) and scripts (pretrain, distill,
-decode_orders): no import cycle between them, no sys.path edits, and every script runs from any directory
+decode_orders, student_states): no import cycle between them, no sys.path edits, and every script runs from any directory
 (the project is installed, so `import train` works without them)."""
 import ast
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "train"
-SCRIPTS = ("pretrain", "distill", "decode_orders")
+SCRIPTS = ("pretrain", "distill", "decode_orders", "student_states")
 
 
 def train_imports(path: Path) -> set[str]:
