@@ -34,16 +34,14 @@ KEYS = {"prompts", "answers", "orders", "nfe", "in_flight", "gen_len", "block_si
 
 
 @torch.no_grad()
-def record_states(model, prompts: list[list[int]], gen_len: int, block_size: int, tau_add: float, tau_act: float,
-                  tau_conf: float, batch_size: int = 50, on_batch=None) -> dict:
-    """Decode every prompt with D2F and return the file's contents (see `load_student_states`)."""
+def record_states(model, prompts: list[list[int]], cfg, batch_size: int = 50, on_batch=None) -> dict:
+    """Decode every prompt with D2F (cfg: a mode-d2f `infer.decode_config.DecodeConfig`) and return the file's
+    contents (see `load_student_states`)."""
     from infer.batch import make_batch
     from infer.d2f_decoder import decode
-    from infer.decode_config import DecodeConfig
     from infer.steps import StepLog
 
-    cfg = DecodeConfig(mode="d2f", max_new_tokens=gen_len, block_size=block_size, tau_add=tau_add, tau_act=tau_act,
-                       tau_conf=tau_conf)
+    gen_len, block_size = cfg.max_new_tokens, cfg.block_size
     mask_id, n_blocks = model.config.mask_token_id, gen_len // block_size
     device = next(model.parameters()).device
     answers, orders, nfe, flights = [], [], [], []
@@ -72,7 +70,7 @@ def record_states(model, prompts: list[list[int]], gen_len: int, block_size: int
         in_flight[i, :len(f)] = f
     return {"prompts": [list(p) for p in prompts], "answers": torch.stack(answers), "orders": torch.stack(orders),
             "nfe": torch.tensor(nfe, dtype=torch.long), "in_flight": in_flight, "gen_len": gen_len,
-            "block_size": block_size, "tau_add": tau_add, "tau_act": tau_act, "tau_conf": tau_conf}
+            "block_size": block_size, "tau_add": cfg.tau_add, "tau_act": cfg.tau_act, "tau_conf": cfg.tau_conf}
 
 
 def load_student_states(path: str | Path) -> dict:
@@ -161,34 +159,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True, help="output .pt")
     a = ap.parse_args(argv)
-    if a.gen % a.block:
-        raise ConfigError(f"--block {a.block} does not divide --gen {a.gen}")
-    for name in ("tau_add", "tau_act", "tau_conf"):
-        if not 0.0 <= getattr(a, name) <= 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(a, name)} is outside [0, 1]")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    from peft import PeftModel
-
     from d2f.data.records import read_records, resolve_fields
     from d2f.data.tokenizer import prompt_ids
-    from d2f.models import from_pretrained, refs
+    from infer.api import load
+    from infer.decode_config import DecodeConfig
 
-    refs.check("model", a.model, ConfigError, name="--model")
-    if not (Path(a.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter {a.adapter!r} is not a LoRA adapter directory (no adapter_config.json)")
+    # the decode settings are checked where every decoder's are (one clear line each), before anything loads
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=a.gen, block_size=a.block, tau_add=a.tau_add, tau_act=a.tau_act,
+                       tau_conf=a.tau_conf)
     records = read_records(a.data, a.split, a.limit)
     pf, _ = resolve_fields(records, a.data, a.prompt_field, None)
+    # the student as the engine loads it: the adapter checked against the base, then merged
+    model, tok = load(a.model, mode="d2f", adapter=a.adapter, dtype="float32", tokenizer=a.tokenizer)
     if pf == "prompt_ids":
         prompts = [list(r[pf]) for r in records]
+    elif tok is None:
+        raise ConfigError(f"{a.model!r} ships no tokenizer and the data is text: pass --tokenizer")
     else:
-        tok = refs.load_tokenizer(a.tokenizer or a.model, ConfigError, fix="pass --tokenizer, a directory holding "
-                                  "tokenizer.json")
         prompts = [prompt_ids(tok, str(r[pf]), a.chat_template) for r in records]
-    model = PeftModel.from_pretrained(from_pretrained(a.model, dtype=torch.float32), a.adapter).merge_and_unload()
-    model.eval()
     t0 = time.time()
-    out = record_states(model, prompts, a.gen, a.block, a.tau_add, a.tau_act, a.tau_conf, a.batch_size,
+    out = record_states(model, prompts, cfg, a.batch_size,
                         on_batch=lambda n: print(f"[student_states] {n}/{len(prompts)} prompts decoded, "
                                                  f"{time.time() - t0:.0f}s", flush=True))
     out.update(model=a.model, adapter=a.adapter, data=a.data)

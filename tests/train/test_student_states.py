@@ -40,7 +40,8 @@ def recorded():
     model = random_model("tiny-llada", seed=5, std=0.5)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (5, 9, 7, 6)]  # unequal: left padding
-    d = record_states(model, prompts, GEN, BLOCK, batch_size=3, **TAUS)  # two batches, compacted rows
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=GEN, block_size=BLOCK, **TAUS)
+    d = record_states(model, prompts, cfg, batch_size=3)  # two batches, compacted rows
     return model, prompts, d
 
 
