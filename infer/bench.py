@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from d2f.errors import UserError
 from infer.eval import synchronize
@@ -171,6 +172,74 @@ class Replay(nn.Module):
         rows = logits[:, j0 - shift - offset:offset + T - shift - offset]  # (B, n, V) view
         rows.scatter_(-1, self.tokens[sample, j0 - P:offset + T - P][..., None], val[..., None])
         return logits
+
+
+# ---- the decoder's host-side work per step ----------------------------------------------------
+
+class HostWork(TorchDispatchMode):
+    """Counts what a decoder does around the model's forwards: the kernels its bookkeeping launches (every
+    aten op that is not a view or a Python number wrapped as a tensor) and its host synchronisations (a
+    device tensor read on the host: `.tolist()`, `.item()`, `bool()`, `int()`, `nonzero`, boolean-mask
+    indexing; and a tensor made from Python data, `torch.tensor(...)`, which a GPU run copies to the device
+    with a blocking copy). On a GPU each launch costs the host 5-40 us whatever the kernel's size (the H200
+    machine of docs/bench.md was launch-bound), and each sync waits for every kernel queued before it, so
+    both count against a step that CUDA graphs have made one replay. The model's forward, and whatever
+    wraps it (`Replay`, `StaticForward`), is left out, and so is the setup before the first forward (the
+    batch layout: made on the host, copied once). The ops are the same on a CPU, so the counts are those a
+    GPU run makes.
+
+        with HostWork(model) as work:
+            generate(model, tok, prompts, cfg)
+        work.launches / work.forwards, work.syncs / work.forwards
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self._depth, self._hooks = model, 0, []
+        self.forwards = self.launches = self.syncs = 0  # from the first forward on
+        self.setup_launches = self.setup_syncs = 0  # before it
+
+    def __enter__(self):
+        def enter(*_):
+            self._depth += 1
+
+        def leave(*_):
+            self._depth -= 1
+            self.forwards += self._depth == 0
+        self._hooks = [self.model.register_forward_pre_hook(enter), self.model.register_forward_hook(leave)]
+        self._tolist = Tensor.tolist
+        work = self
+
+        def tolist(t):  # not an aten op: it reads the storage directly
+            work._count(sync=True)
+            return work._tolist(t)
+        Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        Tensor.tolist = self._tolist
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def _count(self, launch: bool = False, sync: bool = False) -> None:
+        if self._depth:
+            return
+        if self.forwards:
+            self.launches, self.syncs = self.launches + launch, self.syncs + sync
+        else:
+            self.setup_launches, self.setup_syncs = self.setup_launches + launch, self.setup_syncs + sync
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sync = func in _SYNCS or (func is torch.ops.aten.index.Tensor
+                                  and any(i is not None and i.dtype == torch.bool for i in args[1]))
+        self._count(not func.is_view and func not in _NOT_LAUNCHES, sync)
+        return func(*args, **(kwargs or {}))
+
+
+# lift_fresh: a tensor made from Python data, which a GPU run then copies to the device, blocking the host
+_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.lift_fresh.default}
+_NOT_LAUNCHES = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.scalar_tensor.default}
 
 
 # ---- models with random weights -------------------------------------------------------------
@@ -314,6 +383,11 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
         results += res
         wall += res[0].wall_time
         forwards += replay.forwards
+    # One more pass over the first batch, untimed (counting slows the host): the decoder's own work per forward.
+    replay.batch_of(lens[:batch])
+    with HostWork(replay) as work:
+        generate(replay, None, prompts[:batch], cfg)
+    counted = max(work.forwards, 1)
     if backend is not None:
         set_backend(model, "sdpa")
     want = [cut_at_eos([t for t in tk if t >= 0], model.config.eos_token_id) for tk in tokens]
@@ -324,7 +398,8 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
             "tokens_per_s": n_tok / wall, "step_ms": 1e3 * wall / max(forwards, 1), "forwards": forwards,
             "nfe": sum(r.nfe for r in results) / len(results), "answer_len": n_tok / len(results),
             "tokens_per_forward": n_tok / max(sum(r.nfe for r in results), 1), "wall_s": wall,
-            "replay_ok": ok}
+            "replay_ok": ok, "launches_per_forward": work.launches / counted,
+            "syncs_per_forward": work.syncs / counted}
 
 
 def run_hf_generate(model, trace: dict, batch: int, n_samples: int, base_prompt: int) -> dict:
@@ -365,7 +440,7 @@ def run_hf_generate(model, trace: dict, batch: int, n_samples: int, base_prompt:
 
 def markdown(rows: list[dict]) -> str:
     head = ["shape", "mode", "attention", "batch", "tokens/s", "ms / forward", "x floor", "NFE",
-            "tokens/forward", "answer length", "replay"]
+            "tokens/forward", "answer length", "host launches / forward", "syncs / forward", "replay"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for r in rows:
         if "error" in r:
@@ -375,8 +450,13 @@ def markdown(rows: list[dict]) -> str:
         ok = {True: "exact", False: "MISMATCH", None: "-"}[r["replay_ok"]]
         lines.append(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
                      f"{r['step_ms']:.2f} | {r['x_floor']:.2f} | {r['nfe']:.1f} | {r['tokens_per_forward']:.2f} | "
-                     f"{r['answer_len']:.1f} | {ok} |")
+                     f"{r['answer_len']:.1f} | {_count(r, 'launches_per_forward')} | "
+                     f"{_count(r, 'syncs_per_forward')} | {ok} |")
     return "\n".join(lines)
+
+
+def _count(row: dict, key: str) -> str:
+    return f"{row[key]:.1f}" if key in row else "-"  # hf-generate: not our decoder
 
 
 def ratios(rows: list[dict]) -> list[str]:
