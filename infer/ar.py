@@ -19,7 +19,7 @@ from torch import Tensor
 from d2f.masks import causal
 from infer.batch import Batch, answers, cancel, drop_finished, join_at, new_cache, write_back
 from infer.sampling import predict
-from infer.steps import StepLog
+from infer.steps import StepLog, read_rows
 
 
 def is_hf_model(model) -> bool:
@@ -77,36 +77,44 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     pattern = causal(batch.key_valid)
     pos, lo = batch.prompt_len, 0  # pos: the index written this step; [0, lo) is in the cache
     G = int(budget.max())  # the widest budget
-    while active.any():
+    decoding = [True] * B  # the host's copy of `active`, read once per step (read_rows)
+    while any(decoding):
         f_lo = lo if use_cache else 0
         logits = model(batch.x[:, f_lo:pos], position_ids=batch.position_ids[:, f_lo:pos], mask=pattern,
                        cache=cache, offset=f_lo)[:, -1, :vocab]  # (B, V)
         tok = predict(logits[:, None], cfg.temperature, generator)[0][:, 0]
-        batch.x[:, pos] = torch.where(active, tok, torch.as_tensor(fill, device=dev))
-        answer = answers(batch, start, G)  # (B, G): each sample's answer so far
-        committed = ((start[:, None] + torch.arange(G, device=dev)) == pos) & active[:, None]
+        batch.x[:, pos] = torch.where(active, tok, fill)
+        answer, committed = None, None
+        if log.watched:
+            answer = answers(batch, start, G)  # (B, G): each sample's answer so far
+            committed = ((start[:, None] + torch.arange(G, device=dev)) == pos) & active[:, None]
         log(answer, active, committed, None, None, ids)
-        ended = active & ((tok == eos_id) if eos_id is not None else torch.zeros_like(active))
-        ended |= active & (pos + 1 - start >= budget)
-        stop = ended.nonzero()[:, 0]
-        out = [(i, answer[r, :b]) for i, r, b in zip(ids[stop].tolist(), stop.tolist(), budget[stop].tolist())]
-        for j, (i, a) in enumerate(out):  # slots after an EOS read as EOS, as in the batch buffer
-            r = stop[j]
-            a[pos + 1 - start[r]:] = fill
+        ended = (pos + 1 - start >= budget) if eos_id is None else (tok == eos_id) | (pos + 1 - start >= budget)
+        decoding, stopped, (starts, budgets) = read_rows(active, ended, ids, start, budget)
+        out = []
+        if stopped:
+            answer = answers(batch, start, G) if answer is None else answer
+            for r, i in stopped:  # slots after an EOS read as EOS, as in the batch buffer
+                a = answer[r, :budgets[r]].clone()
+                a[pos + 1 - starts[r]:] = fill
+                out.append((i, a))
         active = active & ~ended
         lo, pos = pos, pos + 1
-        if compact and active.any() and not active.all():
-            keep = active.nonzero()[:, 0]
+        keep = [r for r, d in enumerate(decoding) if d]
+        if compact and keep and len(keep) < len(decoding):
+            keep = torch.tensor(keep, dtype=torch.long, device=dev)
             if cache is not None:
                 cache.select(keep)
             batch, start, budget, active, ids = batch.select(keep), start[keep], budget[keep], active[keep], ids[keep]
             pattern = causal(batch.key_valid)
+            decoding = [True] * len(keep)
         change = yield out
         if change is not None:
             batch, start, budget, active, ids, cache, pos, lo = _apply(change, model, batch, start, budget, active,
                                                                        ids, cache, pos, lo, fill)
             pattern = causal(batch.key_valid)
             G = int(budget.max())
+            decoding = read_rows(active, None, ids)[0]
 
 
 def _apply(change, model, batch: Batch, start, budget, active, ids, cache, pos: int, lo: int, fill: int):

@@ -234,12 +234,14 @@ def forward_rows(model, batch: Batch, starts: Tensor, width: int, pattern: Patte
 def answer_done(answer: Tensor, mask_id: int, eos_id: int | None) -> Tensor:
     """(B,) bool: the answer can no longer change up to its first EOS, i.e. it has no masks at all,
     or it has a committed EOS with no mask before it (tokens are never remasked)."""
-    masked = answer == mask_id  # (B, G)
-    done = ~masked.any(-1)
-    if eos_id is None:
-        return done
-    eos_clear = (answer == eos_id) & (masked.long().cumsum(-1) == 0)
-    return done | eos_clear.any(-1)
+    return done_from(answer == mask_id, None if eos_id is None else answer == eos_id)
+
+
+def done_from(masked: Tensor, eos: Tensor | None) -> Tensor:
+    """`answer_done` from the answers' mask and EOS positions, (B, G) bool each (eos None: no EOS id)."""
+    before = masked.cumsum(-1)  # (B, G) masks up to and including each slot
+    done = before[:, -1] == 0
+    return done if eos is None else done | (eos & (before == 0)).any(-1)
 
 
 def cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:

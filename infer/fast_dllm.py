@@ -22,7 +22,7 @@ import torch
 
 from infer.batch import Batch, answer_done, answers, forward_logits, hold_joins, join_waiting, new_cache
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
-from infer.steps import StepLog
+from infer.steps import StepLog, read_rows
 
 
 def commit_rule(cfg):
@@ -68,6 +68,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     start = torch.full((B,), P, dtype=torch.long, device=dev)  # (B,) where each sample's answer starts
     active = ~answer_done(batch.answer(), mask_id, eos_id)
     ids = torch.arange(B, device=dev)  # each row's StepLog index
+    decoding = read_rows(active, None, ids)[0]  # the host's copy of `active`, read once per step after this
     lo = P  # the current block [lo, lo + Bs), the same buffer columns for every sample
     waiting: list = []  # joins sent mid-block, applied at the next block boundary
     while True:
@@ -77,12 +78,12 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         if cfg.rule == "topk":
             schedule = vanilla_schedule((batch.x[:, lo:hi] == mask_id).sum(-1), cfg.total_steps // n_blocks)
         i = 0
-        while True:
-            block = batch.x[:, lo:hi]
-            masked = (block == mask_id) & active[:, None]  # (B, Bs)
-            decoding = masked.any(-1)
-            if not decoding.any():
-                break
+        block = batch.x[:, lo:hi]  # (B, Bs) view of the current block
+        masked = (block == mask_id) & active[:, None]  # (B, Bs) what this step may commit
+        # A sample still decoding has finished every block before this one and not touched this one yet,
+        # so the block has masks exactly when somebody decodes.
+        more = any(decoding)
+        while more:
             if cache is None:
                 f_lo, f_hi, c = 0, L, None
             elif i == 0 or refresh_every_step:
@@ -94,33 +95,44 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             logits, first = forward_logits(model, batch, f_lo, f_hi, lo, pattern, c)
             tokens, conf = predict(logits[:, lo - first:hi - first], cfg.temperature, generator, mask_id)  # (B, Bs)
             sel = rule(conf, masked, i, schedule) & masked
-            batch.x[:, lo:hi] = torch.where(sel, tokens, block)
+            block.copy_(torch.where(sel, tokens, block))
             answer = answers(batch, start, G)  # (B, G)
-            sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
-            sel_row[:, lo:hi] = sel
-            committed = sel_row.gather(1, start[:, None] + torch.arange(G, device=dev))  # (B, G)
+            committed = None
+            if log.watched:
+                sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
+                sel_row[:, lo:hi] = sel
+                committed = sel_row.gather(1, start[:, None] + torch.arange(G, device=dev))  # (B, G)
             info = [{"block": b} for b in blk.tolist()] if log.wants_info else None
-            log(answer, decoding, committed, info, (first, f_hi), ids)
+            log(answer, masked.any(-1), committed, info, (first, f_hi), ids)
             done = answer_done(answer, mask_id, eos_id)
-            stopped = (active & done).nonzero()[:, 0]
-            out = list(zip(ids[stopped].tolist(), answer[stopped]))
+            # the next step's masks: those left in the block of the samples still decoding
+            masked = (block == mask_id) & (active & ~done)[:, None]
+            decoding, stopped, [left] = read_rows(active, done, ids, masked.any(-1))
+            more = any(left)
+            out = [(k, answer[r].clone()) for r, k in stopped]
             active = active & ~done
             i += 1
             change = yield out
             if change is not None:
                 active, waiting = hold_joins(change, ids, active, waiting)
+                masked = (block == mask_id) & active[:, None]
+                decoding, _, [left] = read_rows(active, None, ids, masked.any(-1))
+                more = any(left)
         # ---- block boundary: leave, join -----------------------------------------------
         lo = hi
-        if compact and not active.all() and (active.any() or waiting):
-            keep = active.nonzero()[:, 0]
+        keep = [r for r, d in enumerate(decoding) if d]
+        if compact and len(keep) < len(decoding) and (keep or waiting):
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
             if cache is not None:
-                cache.select(keep)
-            batch, start, active, ids = batch.select(keep), start[keep], active[keep], ids[keep]
+                cache.select(idx)
+            batch, start, active, ids = batch.select(idx), start[idx], active[idx], ids[idx]
+            decoding = [True] * len(keep)
         if waiting:
             batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
+            decoding += [True] * (active.shape[0] - len(decoding))  # the joined samples decode
             waiting = []
             if cache is not None:  # the next forward is a full one: it rewrites every row
                 cache = new_cache(model, batch.x.shape[0], batch.x.shape[1])
         pattern = batch.full_pattern()
-        if not active.any():
+        if not any(decoding):
             return

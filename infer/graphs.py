@@ -120,8 +120,9 @@ class StaticForward(nn.Module):
         else:
             valid[:, :n] = True
         prompt = mask.prompt_len
-        if mask.kind == "block_causal":
-            prompt = torch.as_tensor(prompt, device=device).expand(B).contiguous()
+        if mask.kind == "block_causal":  # a (B,) device tensor; an int is filled in on the device, not copied
+            prompt = prompt.expand(B).contiguous() if isinstance(prompt, Tensor) else \
+                torch.full((B,), prompt, dtype=torch.long, device=device)
         return Pattern(mask.kind, prompt, mask.block_size, valid)
 
     def _inputs(self, key, pattern: Pattern, device) -> dict:

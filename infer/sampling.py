@@ -28,30 +28,28 @@ def predict(logits: Tensor, temperature: float = 0.0, generator: torch.Generator
     exclude: a token id never to predict (the mask token: committing a mask would undo a
     commit, and on an untrained model could keep a block from ever finishing).
     """
-    if temperature > 0:
-        logits = logits.double()
-        if exclude is not None:
-            logits[..., exclude] = NEG_INF
-        # the generator lives on the logits' device (see infer.api.generate)
-        u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        tokens = (logits / temperature + gumbel).argmax(-1)
-        conf = torch.softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
-        return tokens, conf
-    # float32, or float64 for float64 models (tests); the caller's own tensor when it already is
-    # that dtype, so it is never written to
-    x = logits if logits.dtype == torch.float64 else logits.float()
+    # float64 to sample (the Gumbel noise needs it); else float32, or float64 for float64 models (tests)
+    x = logits.double() if temperature > 0 or logits.dtype == torch.float64 else logits.float()
     if exclude is not None:
-        x = x.index_fill(-1, torch.tensor([exclude], device=x.device), NEG_INF)
+        if x is logits:  # the caller's own tensor: never written to
+            x = x.clone()
+        x.select(-1, exclude).fill_(NEG_INF)  # one fill: nothing to copy to the device
+    if temperature > 0:
+        # the generator lives on the logits' device (see infer.api.generate)
+        u = torch.rand(x.shape, dtype=torch.float64, generator=generator, device=x.device)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        tokens = (x / temperature + gumbel).argmax(-1)
+        conf = torch.softmax(x, dim=-1).gather(-1, tokens[..., None])[..., 0]
+        return tokens, conf
     tokens = x.argmax(-1)  # (B, T)
     top = x.gather(-1, tokens[..., None])  # (B, T, 1)
     rest = torch.exp(x - top).scatter_(-1, tokens[..., None], 0.0).sum(-1)  # (B, T) other tokens' mass / top's
-    return tokens, 1.0 / (1.0 + rest.double())
+    return tokens, (rest.double() + 1.0).reciprocal()  # 1 / (1 + r), the same float64 division
 
 
 def masked_conf(conf: Tensor, masked: Tensor) -> Tensor:
     """Confidence with -inf where the position is not masked (so it is never picked)."""
-    return torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+    return conf.masked_fill(~masked, NEG_INF)
 
 
 def commit_topk(conf: Tensor, masked: Tensor, k: Tensor | int) -> Tensor:
@@ -69,13 +67,15 @@ def commit_threshold(conf: Tensor, masked: Tensor, tau: float, at_least_one: Ten
                      strict: bool = False) -> Tensor:
     """Commit every masked position with conf >= tau (> tau if strict); where `at_least_one`
     (bool or (B,)), also the single most confident masked position when none passes."""
-    c = masked_conf(conf, masked)
+    c = masked_conf(conf, masked)  # -inf where not masked: never passes a tau in [0, 1]
     sel = (c > tau) if strict else (c >= tau)
-    sel = sel & masked
-    need = torch.as_tensor(at_least_one, device=conf.device).expand(conf.shape[0])
-    need = need & ~sel.any(-1) & masked.any(-1)
-    best = torch.zeros_like(sel).scatter_(1, c.argmax(-1, keepdim=True), True)
-    return sel | (best & need[:, None])
+    # The most confident masked position (the first of ties). When anything passes it is one of those
+    # that pass (confidences are never NaN for finite logits), so adding it changes nothing.
+    best = c.argmax(-1, keepdim=True)  # (B, 1)
+    need = masked.any(-1, keepdim=True)
+    if at_least_one is not True:
+        need = need & torch.as_tensor(at_least_one, device=conf.device).view(-1, 1)
+    return sel | torch.zeros_like(sel).scatter_(1, best, need)
 
 
 def commit_factor(conf: Tensor, masked: Tensor, factor: float) -> Tensor:

@@ -53,6 +53,11 @@ class StepLog:
         return self.records is not None or self.with_info
 
     @property
+    def watched(self) -> bool:
+        """Does anything read a step's details (the committed positions): a trace or an on_step hook."""
+        return self.records is not None or self.on_step is not None
+
+    @property
     def nfe(self) -> list[int]:
         """Forwards charged to each sample (read once, after decoding: a host sync)."""
         return self._nfe.tolist() if self._nfe is not None else [0] * self.batch_size
@@ -68,10 +73,11 @@ class StepLog:
         self.sample_ids += sample_ids if sample_ids is not None else list(range(first, first + n))
         return list(range(first, first + n))
 
-    def __call__(self, answer: Tensor, active: Tensor, committed: Tensor | None = None,
+    def __call__(self, answer: Tensor | None, active: Tensor, committed: Tensor | None = None,
                  info: list[dict] | dict | None = None, forward: tuple[int, int] | None = None,
                  rows: Tensor | None = None) -> None:
-        """answer (b, G): the answer buffer after this step's commits; active (b,) bool: samples
+        """answer (b, G): the answer buffer after this step's commits (a decoder may pass None when nothing
+        watches the steps, `watched`); active (b,) bool: samples
         that were decoding during this forward; committed (b, G) bool: positions committed now;
         info: per-sample (list) or shared (dict) extra fields for the trace (block states...);
         forward: the buffer range [lo, hi) this forward covered; rows (b,): which samples of the
@@ -88,7 +94,7 @@ class StepLog:
             self._nfe = torch.zeros(self.batch_size, dtype=torch.long, device=active.device)
         idx = rows if rows is not None else torch.arange(len(active), device=active.device)
         self._nfe.index_add_(0, idx, active.long())
-        if self.records is None and self.on_step is None:
+        if not self.watched:
             return
         act = active.tolist()
         ids = idx.tolist()
@@ -113,3 +119,13 @@ class StepLog:
 
 def all_true(batch_size: int, device=None) -> Tensor:
     return torch.ones(batch_size, dtype=torch.bool, device=device)
+
+
+def read_rows(active: Tensor, done: Tensor | None, ids: Tensor, *more: Tensor) -> tuple[list[bool], list, list]:
+    """A decode step's one host synchronisation. Per row: is it still decoding (active and not done), and
+    the (row, StepLog index) of each sample that stops now (active and done); `more` ((B,) integer or
+    bool tensors) are read in the same transfer and returned as lists."""
+    code = torch.where(active, -1, -2) if done is None else torch.where(active, torch.where(done, ids, -1), -2)
+    code, *rest = torch.stack([code, *(m.long() for m in more)]).tolist()
+    return [c == -1 for c in code], [(i, c) for i, c in enumerate(code) if c >= 0], rest
+

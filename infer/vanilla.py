@@ -12,7 +12,7 @@ import torch
 
 from infer.batch import Batch, answers, forward_logits, hold_joins, join_waiting
 from infer.sampling import commit_topk, predict, vanilla_schedule
-from infer.steps import StepLog, all_true
+from infer.steps import StepLog, all_true, read_rows
 
 
 def decode(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | None = None,
@@ -47,7 +47,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     ids = torch.arange(batch.x.shape[0], device=dev)  # each row's StepLog index
     lo = P  # the current block [lo, lo + block_size), the same buffer columns for every sample
     waiting: list = []
-    while active.any():
+    decoding = [True] * batch.x.shape[0]  # the host's copy of `active`, read once per step (read_rows)
+    while any(decoding):
         hi, L = lo + cfg.block_size, batch.x.shape[1]
         counts = vanilla_schedule((batch.x[:, lo:hi] == mask_id).sum(-1), steps_per_block)  # (B, steps)
         for s in range(steps_per_block):
@@ -57,28 +58,34 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
                 tokens = reference[ids].gather(1, (lo - start)[:, None] + torch.arange(hi - lo, device=dev))
             block = batch.x[:, lo:hi]
             sel = commit_topk(conf, (block == mask_id) & active[:, None], counts[:, s])
-            batch.x[:, lo:hi] = torch.where(sel, tokens, block)
-            sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
-            sel_row[:, lo:hi] = sel
-            pos = start[:, None] + torch.arange(G, device=dev)  # (B, G)
+            block.copy_(torch.where(sel, tokens, block))
             answer = answers(batch, start, G)
+            committed = None
+            if log.watched:
+                sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
+                sel_row[:, lo:hi] = sel
+                committed = sel_row.gather(1, start[:, None] + torch.arange(G, device=dev))  # (B, G)
             info = [{"block": b} for b in ((lo - start) // cfg.block_size).tolist()] if log.wants_info else None
-            log(answer, active, sel_row.gather(1, pos), info, (first, L), ids)
+            log(answer, active, committed, info, (first, L), ids)
             # a sample is done after its last block's last step (masks can remain only if the model
             # predicted nothing committable, e.g. every prediction the mask token)
             last = ((lo - start) // cfg.block_size == n_blocks - 1) & (s == steps_per_block - 1)
-            done = active & (~(answer == mask_id).any(-1) | last)
-            stopped = done.nonzero()[:, 0]
-            out = list(zip(ids[stopped].tolist(), answer[stopped]))
+            done = ~(answer == mask_id).any(-1) | last
+            decoding, stopped, _ = read_rows(active, done, ids)
+            out = [(k, answer[r].clone()) for r, k in stopped]
             active = active & ~done
             change = yield out
             if change is not None:
                 active, waiting = hold_joins(change, ids, active, waiting)
+                decoding = read_rows(active, None, ids)[0]
         lo = hi
-        if not active.all() and (active.any() or waiting):
-            keep = active.nonzero()[:, 0]
-            batch, start, active, ids = batch.select(keep), start[keep], active[keep], ids[keep]
+        keep = [r for r, d in enumerate(decoding) if d]
+        if len(keep) < len(decoding) and (keep or waiting):
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            batch, start, active, ids = batch.select(idx), start[idx], active[idx], ids[idx]
+            decoding = [True] * len(keep)
         if waiting:
             batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
+            decoding += [True] * (active.shape[0] - len(decoding))  # the joined samples decode
             waiting = []
         pattern = batch.full_pattern()

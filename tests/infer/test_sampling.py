@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
@@ -87,6 +88,17 @@ def test_predict_bf16_logits_same_tokens_and_confidence():
     want_tok, want_conf = float64_predict(logits, exclude=5)
     assert torch.equal(tok, want_tok)
     torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_predict_never_writes_the_callers_logits(dtype, temperature):
+    logits = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits[..., 3] = 50.0  # the excluded token would win everywhere
+    before = logits.clone()
+    tok, _ = predict(logits, temperature, torch.Generator().manual_seed(2), exclude=3)
+    assert torch.equal(logits, before)
+    assert not (tok == 3).any()
 
 
 def test_testbed_decoding_unchanged_by_float32_confidence(monkeypatch):
