@@ -56,7 +56,8 @@ class StaticForward(nn.Module):
         self.cache: StaticKVCache | None = None
         self.length = 0  # the decoder's buffer length (rows past it are hidden)
         self.written = 0  # rows [0, written) have been written this decode; the rest are hidden
-        self._captured: dict[tuple, tuple] = {}
+        self._captured: dict[tuple, tuple] = {}  # key -> (graph, static inputs, static output)
+        self._eager: dict[tuple, dict] = {}  # key -> static inputs, without graphs
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     # ---- the decoders' side -----------------------------------------------------------------
@@ -67,6 +68,7 @@ class StaticForward(nn.Module):
         if c is None or c.k[0].shape[0] != batch or c.max_len < rows:
             if c is not None:  # graphs captured on the old buffers are useless now
                 self._captured.clear()
+                self._eager.clear()
             dtype = next(self.model.parameters()).dtype
             # rounded up generously: a slightly longer prompt next call reuses the buffers and graphs
             self.cache = c = StaticKVCache.for_model(self.model, batch, -(-rows // 256) * 256, dtype=dtype)
@@ -91,13 +93,16 @@ class StaticForward(nn.Module):
             # written yet, whatever the pattern, until a later call writes them for real.
             W = self._bucket(T, rows - offset) if offset + T >= self.written else T
             self.written = max(self.written, offset + T)
-        pattern = self._pattern(mask, B, rows, input_ids.device)
-        key = (B, W, pattern.kind, pattern.block_size, cache is None, offset if cache is None else None)
+        pattern = self._pattern(mask)
+        n = min(self.written, self.length) if cache is not None else rows  # key rows the decoder's pattern covers
+        key = (B, W, pattern.kind, pattern.block_size, cache is None, offset if cache is None else None, rows)
         if self.graphs:
-            out = self._replay(key, input_ids, position_ids, pattern, cache, offset, W)
-        else:
-            static = self._inputs(key, pattern, input_ids.device)
-            self._fill(static, input_ids, position_ids, pattern, offset)
+            out = self._replay(key, input_ids, position_ids, pattern, cache, offset, n)
+        else:  # the same static inputs, reused the same way, run eagerly
+            static = self._eager.get(key)
+            if static is None:
+                static = self._eager[key] = self._inputs(key, pattern, input_ids.device)
+            self._fill(static, input_ids, position_ids, pattern, offset, n)
             out = self._run(static, cache)
         return out[:, :T]
 
@@ -108,55 +113,55 @@ class StaticForward(nn.Module):
                 return b
         return T
 
-    def _pattern(self, mask, B: int, rows: int, device) -> Pattern:
-        """The decoder's pattern over `rows` keys, rows past the decoder's buffer hidden."""
+    def _pattern(self, mask) -> Pattern:
+        """The decoder's pattern; `_fill` lays it over the static key rows."""
         if mask is not None and not isinstance(mask, Pattern):
             raise ValueError("StaticForward takes a d2f.masks.Pattern (or None), not an explicit mask tensor")
-        mask = mask if mask is not None else Pattern("causal" if self.config.is_causal else "full")
-        valid = torch.zeros(B, rows, dtype=torch.bool, device=device)
-        n = min(self.written, self.length) if self.cache is not None else rows
-        if mask.key_valid is not None:
-            valid[:, :n] = mask.key_valid[:, :n]
-        else:
-            valid[:, :n] = True
-        prompt = mask.prompt_len
-        if mask.kind == "block_causal":  # a (B,) device tensor; an int is filled in on the device, not copied
-            prompt = prompt.expand(B).contiguous() if isinstance(prompt, Tensor) else \
-                torch.full((B,), prompt, dtype=torch.long, device=device)
-        return Pattern(mask.kind, prompt, mask.block_size, valid)
+        return mask if mask is not None else Pattern("causal" if self.config.is_causal else "full")
 
     def _inputs(self, key, pattern: Pattern, device) -> dict:
-        B, W = key[0], key[1]
+        B, W, rows = key[0], key[1], key[6]
+        prompt = torch.zeros(B, dtype=torch.long, device=device) if pattern.kind == "block_causal" else None
         return {"ids": torch.full((B, W), self.config.mask_token_id, dtype=torch.long, device=device),
                 "pos": torch.zeros(B, W, dtype=torch.long, device=device),
                 "offset": torch.zeros((), dtype=torch.long, device=device), "int_offset": key[5],
-                "pattern": Pattern(pattern.kind, None if pattern.prompt_len is None else pattern.prompt_len.clone(),
-                                   pattern.block_size, pattern.key_valid.clone())}
+                "steps": torch.arange(1, W + 1, device=device),  # padding rows' positions past the last real one
+                "pattern": Pattern(pattern.kind, prompt, pattern.block_size,
+                                   torch.zeros(B, rows, dtype=torch.bool, device=device))}
 
-    def _fill(self, static: dict, ids: Tensor, pos: Tensor, pattern: Pattern, offset: int) -> None:
-        T = ids.shape[1]
+    def _fill(self, static: dict, ids: Tensor, pos: Tensor, pattern: Pattern, offset: int, n: int) -> None:
+        """Write this forward's inputs into the static buffers, in place (a captured graph reads them there):
+        a handful of small kernels and no copy from the host. Key rows [0, n) follow the decoder's pattern;
+        the rest (not written yet, or past the decoder's buffer) are hidden."""
+        T, W = ids.shape[1], static["ids"].shape[1]
         static["ids"][:, :T].copy_(ids)
-        static["ids"][:, T:].fill_(self.config.mask_token_id)
         static["pos"][:, :T].copy_(pos)
-        W = static["pos"].shape[1]
-        if W > T:  # padding rows continue each sample's positions
-            static["pos"][:, T:].copy_(pos[:, -1:] + torch.arange(1, W - T + 1, device=pos.device))
+        if W > T:  # padding rows: mask tokens, positions continuing each sample's
+            static["ids"][:, T:].fill_(self.config.mask_token_id)
+            torch.add(pos[:, -1:], static["steps"][:W - T], out=static["pos"][:, T:])
         static["offset"].fill_(offset)
         p = static["pattern"]
-        p.key_valid.copy_(pattern.key_valid)
-        if p.prompt_len is not None:
-            p.prompt_len.copy_(pattern.prompt_len)
+        if pattern.key_valid is not None:
+            p.key_valid[:, :n].copy_(pattern.key_valid[:, :n])
+        else:
+            p.key_valid[:, :n].fill_(True)
+        p.key_valid[:, n:].fill_(False)
+        if p.prompt_len is not None:  # block_causal: an int is filled in on the device, not copied there
+            if isinstance(pattern.prompt_len, Tensor):
+                p.prompt_len.copy_(pattern.prompt_len.expand(p.prompt_len.shape[0]))
+            else:
+                p.prompt_len.fill_(pattern.prompt_len)
 
     def _run(self, static: dict, cache) -> Tensor:
         offset = static["offset"] if cache is not None else static["int_offset"]
         return self.model(static["ids"], position_ids=static["pos"], mask=static["pattern"], cache=cache,
                           offset=offset)
 
-    def _replay(self, key, ids, pos, pattern, cache, offset, W) -> Tensor:
+    def _replay(self, key, ids, pos, pattern, cache, offset, n: int) -> Tensor:
         entry = self._captured.get(key)
         if entry is None:
             static = self._inputs(key, pattern, ids.device)
-            self._fill(static, ids, pos, pattern, offset)
+            self._fill(static, ids, pos, pattern, offset, n)
             # Warm up on a side stream, as capture requires. It runs this very forward, so the cache
             # rows it writes are the ones the replay below writes again.
             side = torch.cuda.Stream()
@@ -169,6 +174,6 @@ class StaticForward(nn.Module):
                 out = self._run(static, cache)
             entry = self._captured[key] = (graph, static, out)
         else:
-            self._fill(entry[1], ids, pos, pattern, offset)
+            self._fill(entry[1], ids, pos, pattern, offset, n)
         entry[0].replay()
         return entry[2]

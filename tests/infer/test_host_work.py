@@ -91,4 +91,4 @@ def test_static_forward_adds_launches_but_no_sync(cfg):
         generate(static, None, prompts, cfg)
     assert len(forwards) == 2 * n > 0
     assert around_model.syncs == outside.syncs
-    assert 0 < (around_model.launches - outside.launches) / n <= 16
+    assert 0 < (around_model.launches - outside.launches) / n <= 7  # 11-15 before the inputs were filled in place
