@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import causal
-from infer.batch import Batch, answers, cancel, drop_finished, join_at, new_cache, write_back
+from infer.batch import Batch, answers, cancel, drop_finished, join_at, keep_rows, new_cache, write_back
 from infer.sampling import predict
 from infer.steps import StepLog, read_rows
 
@@ -102,10 +102,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         lo, pos = pos, pos + 1
         keep = [r for r, d in enumerate(decoding) if d]
         if compact and keep and len(keep) < len(decoding):
-            keep = torch.tensor(keep, dtype=torch.long, device=dev)
-            if cache is not None:
-                cache.select(keep)
-            batch, start, budget, active, ids = batch.select(keep), start[keep], budget[keep], active[keep], ids[keep]
+            batch, idx = keep_rows(keep, batch, cache)
+            start, budget, active, ids = start[idx], budget[idx], active[idx], ids[idx]
             pattern = causal(batch.key_valid)
             decoding = [True] * len(keep)
         change = yield out

@@ -273,6 +273,24 @@ def drop_finished(orig: Batch, batch: Batch, rows: Tensor, active: Tensor, cache
     return batch.select(keep), rows[keep], keep
 
 
+def keep_rows(keep: list[int], batch: Batch, cache) -> tuple[Batch, Tensor]:
+    """Only the rows `keep` (indices the host already holds, so nothing is read from the device) of the
+    batch and the cache (None: no cache). Returns the batch and `keep` on the device, for the caller's own
+    per-row tensors."""
+    idx = torch.tensor(keep, dtype=torch.long, device=batch.x.device)
+    if cache is not None:
+        cache.select(idx)
+    return batch.select(idx), idx
+
+
+def block_commits(batch: Batch, sel: Tensor, lo: int, starts: Tensor, G: int) -> Tensor:
+    """(B, G) bool in answer coordinates: the commits `sel` (B, hi - lo) made in buffer columns [lo, hi)
+    (for the step log; each sample's answer starts at `starts`)."""
+    sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
+    sel_row[:, lo:lo + sel.shape[1]] = sel
+    return sel_row.gather(1, starts[:, None] + torch.arange(G, device=sel.device))
+
+
 def write_back(orig: Batch, batch: Batch, rows: Tensor) -> None:
     """At the end of decoding: the rows still in a compacted `batch` go back to their place in `orig`."""
     if batch is not orig:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import block_causal
-from infer.batch import Batch, cancel, done_from, forward_logits, forward_rows, new_cache
+from infer.batch import Batch, cancel, done_from, forward_logits, forward_rows, keep_rows, new_cache
 from infer.sampling import commit_threshold, predict
 from infer.steps import Changes, StepLog, read_rows
 
@@ -176,7 +176,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
     cols = torch.arange(batch.gen_len, device=dev)  # answer column index
 
     while True:
-        P, L, G = batch.prompt_len, batch.x.shape[1], batch.gen_len
+        P, G = batch.prompt_len, batch.gen_len
         B, NB = rows.full_act.shape
         # ---- 1. forward the in-flight windows -------------------------------------------------
         decoding = [i for i, d in enumerate(seen.decoding) if d]
@@ -220,7 +220,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         rows.active = rows.active & ~done
         keep = [i for i, d in enumerate(seen.decoding) if d]
         if compact and keep and len(keep) < B:
-            batch, rows, seen = _keep(batch, rows, seen, cache, keep)
+            batch, idx = keep_rows(keep, batch, cache)
+            rows, seen = rows.select(keep, idx), seen.select(keep)
             pattern = block_causal(batch.prompt_len, Bs, batch.key_valid)
 
         change = yield out
@@ -299,14 +300,6 @@ def _advance_blocks(rows: Rows, ans: Tensor, Bs: int, left_act: int, left_add: i
     return is_mask, is_eos
 
 
-def _keep(batch: Batch, rows: Rows, seen: Seen, cache, keep: list[int]) -> tuple[Batch, Rows, Seen]:
-    """Only the samples `keep` (row indices), in the batch, its state and the cache."""
-    idx = torch.tensor(keep, dtype=torch.long, device=batch.x.device)
-    if cache is not None:
-        cache.select(idx)
-    return batch.select(idx), rows.select(keep, idx), seen.select(keep)
-
-
 def _apply(change: Changes, model, batch: Batch, rows: Rows, cache, Bs: int) -> tuple[Batch, Rows, object]:
     """Cancel samples, then add the joining ones in a layout wide enough for everybody."""
     rows.active = cancel(change, rows.ids, rows.active)
@@ -322,10 +315,8 @@ def _apply(change: Changes, model, batch: Batch, rows: Rows, cache, Bs: int) -> 
         fresh = Rows.start(new.gen_len // Bs, Bs, [g // Bs for g in gen_lens], change.join_ids, dev)
         return new, fresh, new_cache(model, new.x.shape[0], new.x.shape[1]) if cache is not None else None
     if len(keep) < len(rows.exact_end):
-        idx = torch.tensor(keep, dtype=torch.long, device=dev)
-        if cache is not None:
-            cache.select(idx)
-        batch, rows = batch.select(idx), rows.select(keep, idx)
+        batch, idx = keep_rows(keep, batch, cache)
+        rows = rows.select(keep, idx)
     P, G = max(batch.prompt_len, new.prompt_len), max(batch.gen_len, new.gen_len)
     shift = P - batch.prompt_len
     mask_id = model.config.mask_token_id

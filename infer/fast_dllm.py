@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, answer_done, answers, forward_logits, hold_joins, join_waiting, new_cache
+from infer.batch import (Batch, answer_done, answers, block_commits, forward_logits, hold_joins, join_waiting, keep_rows,
+                         new_cache)
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, read_rows
 
@@ -97,11 +98,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             sel = rule(conf, masked, i, schedule) & masked
             block.copy_(torch.where(sel, tokens, block))
             answer = answers(batch, start, G)  # (B, G)
-            committed = None
-            if log.watched:
-                sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
-                sel_row[:, lo:hi] = sel
-                committed = sel_row.gather(1, start[:, None] + torch.arange(G, device=dev))  # (B, G)
+            committed = block_commits(batch, sel, lo, start, G) if log.watched else None
             info = [{"block": b} for b in blk.tolist()] if log.wants_info else None
             log(answer, masked.any(-1), committed, info, (first, f_hi), ids)
             done = answer_done(answer, mask_id, eos_id)
@@ -122,10 +119,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         lo = hi
         keep = [r for r, d in enumerate(decoding) if d]
         if compact and len(keep) < len(decoding) and (keep or waiting):
-            idx = torch.tensor(keep, dtype=torch.long, device=dev)
-            if cache is not None:
-                cache.select(idx)
-            batch, start, active, ids = batch.select(idx), start[idx], active[idx], ids[idx]
+            batch, idx = keep_rows(keep, batch, cache)
+            start, active, ids = start[idx], active[idx], ids[idx]
             decoding = [True] * len(keep)
         if waiting:
             batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)

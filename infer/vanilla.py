@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, answers, forward_logits, hold_joins, join_waiting
+from infer.batch import Batch, answers, block_commits, forward_logits, hold_joins, join_waiting, keep_rows
 from infer.sampling import commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, all_true, read_rows
 
@@ -60,11 +60,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             sel = commit_topk(conf, (block == mask_id) & active[:, None], counts[:, s])
             block.copy_(torch.where(sel, tokens, block))
             answer = answers(batch, start, G)
-            committed = None
-            if log.watched:
-                sel_row = torch.zeros_like(batch.x, dtype=torch.bool)  # (B, L)
-                sel_row[:, lo:hi] = sel
-                committed = sel_row.gather(1, start[:, None] + torch.arange(G, device=dev))  # (B, G)
+            committed = block_commits(batch, sel, lo, start, G) if log.watched else None
             info = [{"block": b} for b in ((lo - start) // cfg.block_size).tolist()] if log.wants_info else None
             log(answer, active, committed, info, (first, L), ids)
             # a sample is done after its last block's last step (masks can remain only if the model
@@ -81,8 +77,8 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
         lo = hi
         keep = [r for r, d in enumerate(decoding) if d]
         if len(keep) < len(decoding) and (keep or waiting):
-            idx = torch.tensor(keep, dtype=torch.long, device=dev)
-            batch, start, active, ids = batch.select(idx), start[idx], active[idx], ids[idx]
+            batch, idx = keep_rows(keep, batch, None)
+            start, active, ids = start[idx], active[idx], ids[idx]
             decoding = [True] * len(keep)
         if waiting:
             batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
