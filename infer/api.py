@@ -323,12 +323,14 @@ def merge_adapter(m, adapter: str, model_name: str):
 
 
 def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None, device="cpu",
-         dtype="float32", tokenizer: str | None = None, cuda_graphs: bool = False):
+         dtype="float32", tokenizer: str | None = None, cuda_graphs: bool = False, compile: bool = False):
     """(model, tokenizer) ready for `generate`. model None = the testbed model for the mode:
     the teacher for vanilla / fast-dllm, the student (teacher + D2F adapter, merged) for d2f,
     the AR baseline for ar. An adapter (PEFT LoRA dir) is merged into the model for speed.
     cuda_graphs: wrap the model in `infer.graphs.StaticForward` (each forward one CUDA-graph replay
-    on a GPU; on a CPU the same static shapes run eagerly). Same tokens, fewer kernel launches."""
+    on a GPU; on a CPU the same static shapes run eagerly). Same tokens, fewer kernel launches.
+    compile: `torch.compile` the forward (`infer.graphs.compiled`; inside the graphs with cuda_graphs). Same
+    tokens; the first forwards of each new shape compile (about a minute on a laptop CPU)."""
     from d2f import testbed
     from d2f.models import load_model, refs
 
@@ -367,13 +369,17 @@ def load(model: str | None = None, mode: str = "d2f", adapter: str | None = None
         m = merge_adapter(m, adapter, model)
     m.eval()
     check_model_mode(m, mode)  # before the tokenizer loads and anything is printed
-    if cuda_graphs:
+    if cuda_graphs or compile:
         from d2f.models.base import DiffusionLM
-        from infer.graphs import StaticForward
+        from infer.graphs import StaticForward, compiled
         if not isinstance(m, DiffusionLM):
-            raise DecodeConfigError(f"cuda_graphs needs one of our model classes (LLaDA, Dream, their causal "
+            what = "cuda_graphs" if cuda_graphs else "compile"
+            raise DecodeConfigError(f"{what} needs one of our model classes (LLaDA, Dream, their causal "
                                     f"variants); {model!r} loaded as {type(m).__name__}")
-        m = StaticForward(m)
+        if compile:
+            m = compiled(m)
+        if cuda_graphs:
+            m = StaticForward(m)
     if tok_path is None:  # the checkpoint's own tokenizer, if it has one
         tok_path = refs.own_tokenizer(model)
     from d2f.models import CheckpointError

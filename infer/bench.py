@@ -352,12 +352,13 @@ def prompt_tokens(cfg, n: int, seed: int) -> list[int]:
 
 
 def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_prompt: int, backend: str | None,
-             warmup: bool = True) -> dict:
+             warmup: bool = True, compile: bool = False) -> dict:
     """Replay `name`'s recorded schedules at `batch`; returns one row of the table. backend: an
-    attention backend name, or "static" (SDPA under `infer.graphs.StaticForward`: CUDA graphs on a GPU)."""
+    attention backend name, or "static" (SDPA under `infer.graphs.StaticForward`: CUDA graphs on a GPU).
+    compile: the forward under `infer.graphs.compiled` (compiled in the untimed warm-up pass)."""
     from infer.api import DecodeConfig, generate
     from infer.batch import cut_at_eos
-    from infer.graphs import StaticForward
+    from infer.graphs import StaticForward, compiled
     from kernels import set_backend
 
     rec = trace["modes"][name]
@@ -371,7 +372,8 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
     static = backend == "static"
     if backend is not None:
         set_backend(model, "sdpa" if static else backend)
-    replay = Replay(StaticForward(model) if static else model, orders, tokens, lens, causal=causal)
+    inner = compiled(model) if compile else model
+    replay = Replay(StaticForward(inner) if static else inner, orders, tokens, lens, causal=causal)
     if warmup:  # compile / autotune / graph capture / allocator warm-up on the first batch, untimed
         replay.batch_of(lens[:batch])
         generate(replay, None, prompts[:batch], cfg)
@@ -394,6 +396,7 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
     ok = all(r.token_ids == w and r.nfe == s["nfe"] for r, w, s in zip(results, want, samples))
     n_tok = sum(r.num_tokens for r in results)
     label = ("sdpa+graphs" if replay.model.graphs else "sdpa+static") if static else backend or "sdpa"
+    label += "+compile" if compile else ""
     return {"mode": name, "backend": label, "batch": batch, "samples": len(samples),
             "tokens_per_s": n_tok / wall, "step_ms": 1e3 * wall / max(forwards, 1), "forwards": forwards,
             "nfe": sum(r.nfe for r in results) / len(results), "answer_len": n_tok / len(results),
@@ -504,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backends", default="sdpa,triton,flex", help="attention backends timed on the d2f rows")
     ap.add_argument("--no-static", action="store_true", help="skip the rows under infer.graphs.StaticForward "
                                                             "(CUDA graphs on a GPU) of the cached modes")
+    ap.add_argument("--compile", action="store_true", help="also time every mode with its forward under torch.compile "
+                                                           "(infer.graphs.compiled), eager and static (compiling "
+                                                           "is untimed but takes a while)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 elsewhere")
@@ -525,15 +531,17 @@ def bench_shape(shape: str, args, trace: dict, modes, backends, batches, device,
         n = min(args.samples_b1 if b == 1 else args.samples, n_max)
         for name in modes:
             m = ar_model if name == "ar" else model
-            paths = list(backends) if name == "d2f" else [None]
+            paths = [(be, False) for be in (backends if name == "d2f" else [None])]
             if not args.no_static and name != "vanilla":  # vanilla has no cache: nothing to make static
-                paths.append("static")
-            for be in paths:
+                paths.append(("static", False))
+            if args.compile:
+                paths += [(None, True)] + ([("static", True)] if not args.no_static and name != "vanilla" else [])
+            for be, comp in paths:
                 try:
-                    row = run_mode(m, trace, name, b, n, args.prompt_len, be)
+                    row = run_mode(m, trace, name, b, n, args.prompt_len, be, compile=comp)
                     row["x_floor"] = row["step_ms"] / floor_ms
                 except Exception as e:  # one backend failing must not lose the rest of the run
-                    row = {"mode": name, "backend": be or "sdpa", "batch": b,
+                    row = {"mode": name, "backend": (be or "sdpa") + ("+compile" if comp else ""), "batch": b,
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
                 add({"shape": shape, **row})
                 print(f"{shape} {name} {row['backend']} b{b}: " +

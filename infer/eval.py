@@ -297,6 +297,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes, each forward one CUDA-graph replay "
                                                               "(infer.graphs; same tokens, fewer launches)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
+                        "each new shape compiles first, about a minute on a laptop CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -341,13 +344,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--output-dir {str(out_dir)!r} is not writable; choose another")
     problems = load_problems(args.data, args.split, args.limit)
     model, tokenizer = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
-                            cuda_graphs=args.cuda_graphs,
+                            cuda_graphs=args.cuda_graphs, compile=args.compile,
                             tokenizer=args.tokenizer)
     prompts = make_prompts(tokenizer, problems, args.shots, args.data, args.chat, args.shot_seed, args.shots_from)
     meta = {"model": args.model, "adapter": args.adapter, "tokenizer": args.tokenizer, "data": args.data, "split": args.split,
             "shots": args.shots, "shots_from": args.shots_from, "shot_seed": args.shot_seed,
             "chat": P.use_chat(tokenizer, args.chat), "device": args.device, "dtype": args.dtype}
-    if args.warmup:
+    if args.compile:  # compile every specialisation (batch N and 1, the prompt, later windows) untimed
+        from infer.api import generate
+        from infer.graphs import COMPILE_NOTE
+        print(COMPILE_NOTE + "; the first batch is decoded once, untimed, to compile them", file=sys.stderr,
+              flush=True)
+        generate(model, tokenizer, prompts[:args.batch_size], cfg, batch_size=args.batch_size)
+    elif args.warmup:
         warmup(model, tokenizer, prompts[0], cfg)
     summary = evaluate(model, tokenizer, problems, prompts, cfg, out_dir, batch_size=args.batch_size, meta=meta,
                        overwrite=args.overwrite, progress=not args.no_progress, desc=cfg.mode)

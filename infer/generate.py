@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from d2f.errors import UserError
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes, each forward one CUDA-graph replay "
                                                               "(infer.graphs; same tokens, fewer launches)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
+                        "each new shape compiles first, about a minute on a laptop CPU)")
     p.add_argument("--no-chat-template", action="store_true", help="use prompts as given")
     p.add_argument("--trace", default=None, metavar="FILE", help="write every step as JSON lines")
     p.add_argument("--no-stream", action="store_true", help="print answers only when complete")
@@ -97,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
     if args.show_masks and (args.batch_size != 1 or cfg.mode == "ar"):
         raise UserError("--show-masks needs --batch-size 1 and a diffusion mode (not ar)")
     prompts = read_prompts(args)
+    if args.compile:
+        from infer.graphs import COMPILE_NOTE
+        print(COMPILE_NOTE, file=sys.stderr, flush=True)
     check_output_file(args.trace, "--trace")
     model, tok = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
-                      cuda_graphs=args.cuda_graphs,
+                      cuda_graphs=args.cuda_graphs, compile=args.compile,
                       tokenizer=args.tokenizer)
     if tok is None:
         raise UserError(f"no tokenizer found for model {args.model!r}; pass --tokenizer")

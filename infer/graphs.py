@@ -25,6 +25,11 @@ How, without touching the decoders:
 
 Forwards without a cache (vanilla, the D2F reference) have static shapes already and are captured
 as they are. Attention is SDPA with the dense mask (the Triton and flex backends take int offsets).
+
+`compiled(model)` is the other speed-up applied from outside: `torch.compile` of the same forward, with
+dynamic shapes so that the window and cache lengths that change every step do not recompile it. It fuses
+the elementwise work between the matmuls (norms, rotary embedding, activations, residuals). Alone it runs
+the plain decoders; under `StaticForward` a GPU captures the compiled kernels in its graphs.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ from d2f.cache import StaticKVCache
 from d2f.masks import Pattern
 
 BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+RECOMPILE_LIMIT = 64  # compiled graphs of the one forward function, over every mode and model in a process
+COMPILE_NOTE = ("--compile: the first forwards of each new shape compile the model (about a minute on a laptop "
+                "CPU); the rest run compiled")
 ROOM = 64  # cache rows past the decoder's buffer, so short windows near its end can still be padded
 
 
@@ -177,3 +185,17 @@ class StaticForward(nn.Module):
             self._fill(entry[1], ids, pos, pattern, offset, n)
         entry[0].replay()
         return entry[2]
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile(model, dynamic=True)`: the same forward, tokens and attributes (the wrapper hands
+    `config`, `make_cache`, ... to the model), compiled on its first call and again for each new
+    specialisation (the first forward at offset 0, batch 1 against larger batches, windows reaching the
+    cache's end: 1-4 graphs per mode). Every model of our classes shares one forward function, and dynamo
+    allows 8 graphs per function by default, past which it runs the function eagerly (a logged warning); a
+    process running several modes (infer.compare, a server) needs more, hence the higher limit."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(model, dynamic=True)

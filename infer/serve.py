@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -380,7 +381,7 @@ def build(args: argparse.Namespace):
         raise UserError("--cuda-graphs keeps the batch's shapes fixed, so requests cannot join it; drop it to serve "
                         "with continuous batching")
     model, tok = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
-                      cuda_graphs=args.cuda_graphs, tokenizer=args.tokenizer)
+                      cuda_graphs=args.cuda_graphs, compile=args.compile, tokenizer=args.tokenizer)
     if tok is None:
         raise UserError(f"no tokenizer found for model {args.model!r}; pass --tokenizer")
     engine = Engine(model, tok, cfg, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -402,6 +403,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes (not with mode d2f: requests join its "
                                                               "batch)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
+                        "each new shape compiles first, about a minute on a laptop CPU)")
     p.add_argument("--no-chat-template", action="store_true", help="chat messages joined as plain text")
     p.add_argument("--windows", choices=("rows", "union"), default="rows",
                    help="D2F: each request forwards its own window (rows), or the batch one window spanning all "
@@ -425,6 +429,9 @@ def main(argv=None) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
     app = build(args)
+    if args.compile:
+        from infer.graphs import COMPILE_NOTE
+        print(COMPILE_NOTE + ": the first requests wait for it", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

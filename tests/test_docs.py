@@ -43,6 +43,8 @@ SKIP = {
     "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml train/distill.py --config "
     "configs/d2f_llada.yaml": f"{HUB}; {GPU}",
     "python -m infer.bench": f"{GPU} (on a CPU it is the tiny-shape line, which runs)",
+    "python -m infer.bench --compile": f"{GPU}; minutes of compiling (tests/infer/test_torch_compile.py, a slow test, "
+                                       "runs it at tiny shape)",
     "python scripts/distill_ablation.py": f"{HOURS} (tests/train/test_ablation.py runs it on 2 problems)",
     "bash scripts/gpu_bench.sh outputs/gpu_bench": GPU,
     "python -m infer.serve": "a server runs until stopped (tests/infer/test_serve.py serves the same app on a socket)",

@@ -1,0 +1,83 @@
+"""infer.graphs.compiled: the forward under torch.compile decodes exactly what the plain model decodes, in
+every mode, batch 1 and N, alone and under StaticForward (on a GPU the graphs then capture the compiled
+kernels). Compiling takes seconds to a minute per mode on a CPU, so the decoding tests are slow tests."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import OptimizedModule
+
+from d2f.models.base import DiffusionLM
+from infer.api import DecodeConfig, DecodeConfigError, generate, load
+from infer.graphs import RECOMPILE_LIMIT, StaticForward, compiled
+from tests.infer.helpers import random_model
+from tests.infer.test_graphs import CONFIGS, PROMPTS
+
+
+def test_load_compile_wraps_our_model_and_lifts_the_recompile_limit():
+    import torch._dynamo
+    with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default
+        model, tok = load(None, "d2f", compile=True)
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    assert isinstance(model, OptimizedModule) and isinstance(model._orig_mod, DiffusionLM)
+    assert model.config is model._orig_mod.config  # what the decoders read passes through the wrapper
+    graphed, _ = load(None, "d2f", compile=True, cuda_graphs=True)  # the static shapes around the compiled forward
+    assert isinstance(graphed, StaticForward) and isinstance(graphed.model, OptimizedModule)
+
+
+def test_load_compile_refuses_a_transformers_model(tmp_path):
+    from infer.bench import hf_causal_lm, share_weights
+    hf = hf_causal_lm(share_weights(random_model("tiny-llada", dtype=torch.float32), causal=True))
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(DecodeConfigError, match="compile needs one of our model classes"):
+        load(str(tmp_path), "ar", compile=True)
+
+
+def decode(model, name, bs):
+    cfg = DecodeConfig(**CONFIGS[name])
+    return [(r.token_ids, r.nfe) for r in generate(model, None, PROMPTS, cfg, batch_size=bs)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_forward_decodes_the_same_tokens(name):
+    model = random_model("tiny-ar" if name == "ar" else "tiny-llada", std=0.3)
+    fast = compiled(model)
+    static = StaticForward(compiled(model)) if name != "vanilla" else None
+    for bs in (1, 4):
+        want = decode(model, name, bs)
+        with torch.profiler.profile() as prof:
+            got = decode(fast, name, bs)
+        assert got == want, (name, bs)
+        # compiled code ran (not dynamo giving up and running the forward eagerly)
+        assert any(e.key.startswith("Torch-Compiled Region") for e in prof.key_averages()), (name, bs)
+        if static is not None:
+            assert decode(static, name, bs) == want, (name, bs, "static")
+
+
+@pytest.mark.slow
+def test_eval_cli_compile_same_predictions_on_the_testbed(tmp_path):
+    """The shipped student under --compile: the same answers and NFE as without, batch 4 (compaction)."""
+    from infer.eval import main
+
+    def run(*extra):
+        out = tmp_path / ("compiled" if extra else "eager")
+        main(["--mode", "d2f", "--limit", "6", "--batch-size", "4", "--max-new-tokens", "64", "--no-progress",
+              "--output-dir", str(out), *extra])
+        return [(r["output"], r["nfe"]) for r in map(json.loads, (out / "predictions.jsonl").open())]
+
+    want = run()
+    assert len(want) == 6 and run("--compile") == want
+
+
+@pytest.mark.slow
+def test_bench_compile_rows_replay_exactly(tmp_path):
+    from infer.bench import main
+    assert main(["--shapes", "tiny-llada", "--modes", "d2f,ar", "--batch-sizes", "1", "--backends", "sdpa",
+                 "--no-hf", "--compile", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    labels = {(r["mode"], r["backend"]) for r in rows if r.get("replay_ok")}
+    for mode in ("d2f", "ar"):
+        assert {(mode, "sdpa+compile"), (mode, "sdpa+static+compile")} <= labels, labels
