@@ -101,15 +101,15 @@ def run(args: argparse.Namespace) -> int:
     if args.show_masks and (args.batch_size != 1 or cfg.mode == "ar"):
         raise UserError("--show-masks needs --batch-size 1 and a diffusion mode (not ar)")
     prompts = read_prompts(args)
-    if args.compile:
-        from infer.graphs import COMPILE_NOTE
-        print(COMPILE_NOTE, file=sys.stderr, flush=True)
     check_output_file(args.trace, "--trace")
     model, tok = load(args.model, cfg.mode, adapter=args.adapter, device=args.device, dtype=args.dtype,
                       cuda_graphs=args.cuda_graphs, compile=args.compile,
                       tokenizer=args.tokenizer)
     if tok is None:
         raise UserError(f"no tokenizer found for model {args.model!r}; pass --tokenizer")
+    if args.compile:
+        from infer.graphs import COMPILE_NOTE
+        print(COMPILE_NOTE, file=sys.stderr, flush=True)
     texts = [format_prompt(tok, p, chat=not args.no_chat_template) for p in prompts]
     mask_id, eos_id, _ = special_ids(model, tok)
     streamer = on_step = None

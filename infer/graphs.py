@@ -196,6 +196,22 @@ def compiled(model: nn.Module) -> nn.Module:
     process running several modes (infer.compare, a server) needs more, hence the higher limit."""
     import torch._dynamo
 
+    if next(model.parameters()).device.type == "cpu":
+        _check_cpp_compiler()
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model, dynamic=True)
+
+
+def _check_cpp_compiler() -> None:
+    """On a CPU torch.compile writes C++ and builds it with the system's compiler; without one the first
+    forward would fail deep inside the compile, so say it before anything runs."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    from infer.decode_config import DecodeConfigError
+    try:
+        get_cpp_compiler()
+    except Exception:
+        raise DecodeConfigError("compile on a CPU needs a C++ compiler (torch.compile builds its kernels with g++, "
+                                "or the compiler $CXX names) and none was found; install g++ or drop --compile") from None
+

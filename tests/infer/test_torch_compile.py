@@ -27,6 +27,13 @@ def test_load_compile_wraps_our_model_and_lifts_the_recompile_limit():
     assert isinstance(graphed, StaticForward) and isinstance(graphed.model, OptimizedModule)
 
 
+def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-c++-compiler"))
+    with pytest.raises(DecodeConfigError, match="needs a C\\+\\+ compiler .* install g\\+\\+ or drop --compile"):
+        load(None, "d2f", compile=True)
+
+
 def test_load_compile_refuses_a_transformers_model(tmp_path):
     from infer.bench import hf_causal_lm, share_weights
     hf = hf_causal_lm(share_weights(random_model("tiny-llada", dtype=torch.float32), causal=True))
