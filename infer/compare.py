@@ -64,6 +64,7 @@ class CompareConfig:
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads; None = torch's default (one per core)
     warmup: bool = True
+    compile: bool = False  # every model under torch.compile (infer.graphs.compiled); the first batch compiles
     baseline: str | None = None  # the row the speed-ups are relative to; default: the first vanilla row
     configs: dict = field(default_factory=dict)  # row name -> {model?, adapter?, sweep?, DecodeConfig fields}
 
@@ -147,8 +148,9 @@ class OneModel:
     """Keeps the model of the current row only (an 8B teacher and its student need not share memory),
     reusing it for consecutive rows that need the same one."""
 
-    def __init__(self, load_fn: Callable, device: str, dtype: str):
+    def __init__(self, load_fn: Callable, device: str, dtype: str, compile: bool = False):
         self.load_fn, self.device, self.dtype = load_fn, device, dtype
+        self.compile = compile
         self.key, self.value = None, None
 
     def get(self, row: Row):
@@ -160,6 +162,8 @@ class OneModel:
                 if msg is not None:
                     raise FileNotFoundError(f"config {row.name!r}: {msg}")
             kw = {"tokenizer": row.tokenizer} if row.tokenizer is not None else {}
+            if self.compile:
+                kw["compile"] = True
             self.value = self.load_fn(row.model, row.decode.mode, adapter=row.adapter, device=self.device,
                                       dtype=self.dtype, **kw)
             self.key = key
@@ -245,7 +249,7 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
     # the same shots for every row (drawn from a train split, never from `problems`)
     shots = P.select_shots(cc.shots, source=cc.data, exclude=[p["question"] for p in problems], seed=cc.shot_seed,
                            shots_from=cc.shots_from)
-    models = OneModel(load_fn, cc.device, cc.dtype)
+    models = OneModel(load_fn, cc.device, cc.dtype, cc.compile)
     results, skipped = [], []
     for row in rows:
         try:
@@ -260,7 +264,9 @@ def run_compare(cc: CompareConfig, out_dir, *, only: list[str] | None = None, ov
                 "split": cc.split, "shots": cc.shots, "shots_from": cc.shots_from, "shot_seed": cc.shot_seed,
                 "chat": P.use_chat(tokenizer, cc.chat), "device": cc.device, "dtype": cc.dtype}
         out = row_dir(out_dir, row.name)
-        if cc.warmup and (overwrite or E.unfinished(out, len(problems))):
+        if cc.compile and (overwrite or E.unfinished(out, len(problems))):
+            E.compile_warmup(model, tokenizer, prompts, row.decode, cc.batch_size, generate_fn=generate_fn)
+        elif cc.warmup and (overwrite or E.unfinished(out, len(problems))):
             E.warmup(model, tokenizer, prompts[0], row.decode, generate_fn=generate_fn)
         summary = E.evaluate(model, tokenizer, problems, prompts, row.decode, out, batch_size=cc.batch_size,
                              meta=meta, overwrite=overwrite, progress=progress, desc=row.name,

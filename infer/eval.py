@@ -110,6 +110,18 @@ def warmup(model, tokenizer, prompt: str, cfg, generate_fn: Callable | None = No
     synchronize(model_device(model))
 
 
+def compile_warmup(model, tokenizer, prompts: list[str], cfg, batch_size: int,
+                   generate_fn: Callable | None = None) -> None:
+    """With a compiled model: the first batch decoded once in full, untimed, so that every specialisation the
+    timed run meets (batch N and 1, the prompt, windows that reach the cache's end) compiles here and not
+    inside the timings, as a one-block warm-up would leave some to."""
+    from infer.graphs import COMPILE_NOTE
+
+    print(COMPILE_NOTE + "; the first batch is decoded once, untimed, to compile them", file=sys.stderr, flush=True)
+    _generate_fn(generate_fn)(model, tokenizer, prompts[:batch_size], cfg, batch_size=batch_size)
+    synchronize(model_device(model))
+
+
 # ----------------------------------------------------------------------------- the predictions file
 
 def read_predictions(path: Path) -> dict[int, dict]:
@@ -350,12 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"model": args.model, "adapter": args.adapter, "tokenizer": args.tokenizer, "data": args.data, "split": args.split,
             "shots": args.shots, "shots_from": args.shots_from, "shot_seed": args.shot_seed,
             "chat": P.use_chat(tokenizer, args.chat), "device": args.device, "dtype": args.dtype}
-    if args.compile:  # compile every specialisation (batch N and 1, the prompt, later windows) untimed
-        from infer.api import generate
-        from infer.graphs import COMPILE_NOTE
-        print(COMPILE_NOTE + "; the first batch is decoded once, untimed, to compile them", file=sys.stderr,
-              flush=True)
-        generate(model, tokenizer, prompts[:args.batch_size], cfg, batch_size=args.batch_size)
+    if args.compile:
+        compile_warmup(model, tokenizer, prompts, cfg, args.batch_size)
     elif args.warmup:
         warmup(model, tokenizer, prompts[0], cfg)
     summary = evaluate(model, tokenizer, problems, prompts, cfg, out_dir, batch_size=args.batch_size, meta=meta,

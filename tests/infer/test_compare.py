@@ -146,6 +146,29 @@ def test_compare_run_again_resumes_without_decoding(tiny_setup):
     assert [{k: r[k] for k in keep} for r in second["results"]] == [{k: r[k] for k in keep} for r in first["results"]]
 
 
+def test_compare_compile_loads_compiled_models_and_warms_up_on_a_whole_batch(tiny_setup):
+    """compile=true: every row's model is loaded with compile=True, and the warm-up decodes the first batch in
+    full (a one-block warm-up would leave specialisations to compile inside the timings)."""
+    from infer.api import load
+    root, cfg_path = tiny_setup
+    cc = C.load_config(C.CompareConfig, cfg_path, ["limit=3", "batch_size=2", "compile=true"])
+    loads, calls = [], []
+
+    def fake_load(*args, **kw):  # the real load without compiling (tests/infer/test_torch_compile.py compiles)
+        loads.append(kw.pop("compile", False))
+        return load(*args, **kw)
+
+    def counting(model, tok, prompts, cfg, **kw):
+        calls.append((len(prompts), cfg.max_new_tokens))
+        return generate(model, tok, prompts, cfg, **kw)
+
+    report = C.run_compare(cc, root / "compiled", only=["fast-dual"], progress=False, load_fn=fake_load,
+                           generate_fn=counting)
+    n = report["results"][0]["decode"]["max_new_tokens"]
+    assert loads == [True]
+    assert calls == [(2, n), (2, n), (1, n)]  # the warm-up: the whole first batch at full length; then the run
+
+
 def test_config_errors_name_the_bad_key(tiny_setup):
     _, cfg_path = tiny_setup
     with pytest.raises(ConfigError, match="tau_ad"):
