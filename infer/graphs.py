@@ -41,7 +41,7 @@ from d2f.masks import Pattern
 
 BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 RECOMPILE_LIMIT = 64  # compiled graphs of the one forward function, over every mode and model in a process
-COMPILE_NOTE = ("--compile: the first forwards of each new shape compile the model (about a minute on a laptop "
+COMPILE_NOTE = ("torch.compile: the first forwards of each new shape compile the model (about a minute on a laptop "
                 "CPU); the rest run compiled")
 ROOM = 64  # cache rows past the decoder's buffer, so short windows near its end can still be padded
 
