@@ -188,8 +188,8 @@ class StaticForward(nn.Module):
 
 
 def compiled(model: nn.Module) -> nn.Module:
-    """`torch.compile(model, dynamic=True)`: the same forward, tokens and attributes (the wrapper hands
-    `config`, `make_cache`, ... to the model), compiled on its first call and again for each new
+    """`torch.compile(model, dynamic=True)`: the same forward, tokens and attributes (the wrapper reads
+    `config`, `attn_backend`, ... from the model), compiled on its first call and again for each new
     specialisation (the first forward at offset 0, batch 1 against larger batches, windows reaching the
     cache's end: 1-4 graphs per mode). Every model of our classes shares one forward function, and dynamo
     allows 8 graphs per function by default, past which it runs the function eagerly (a logged warning); a
