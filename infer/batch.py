@@ -214,21 +214,32 @@ class _RowWindows:
         return self.cache.k[layer][:, :, :self.keys], self.cache.v[layer][:, :, :self.keys]
 
 
-def forward_rows(model, batch: Batch, starts: Tensor, width: int, pattern: Pattern, cache: KVCache) -> Tensor:
+def forward_rows(model, batch: Batch, starts: Tensor, width: int, pattern: Pattern, cache: KVCache,
+                 keys: int | None = None) -> Tensor:
     """One model call where sample i forwards its own window, buffer indices [starts[i], starts[i] + width),
     against the cache, instead of one window shared by the whole batch (`forward_logits`). Samples at
     different stages of decoding (a server's batch) then pay for their own windows, not for the span of
     all of them. Windows must lie inside the buffer. Returns logits (B, width, V) where logits[i, j]
     predicts the token at buffer index starts[i] + j (Dream's shift handled: row j - 1 predicts it, so a
-    window must start one index before the first one it needs)."""
+    window must start one index before the first one it needs). keys: max(starts) + width when the caller
+    knows it on the host (otherwise it is read from the device: a sync)."""
     idx = starts[:, None] + torch.arange(width, device=starts.device)  # (B, T) buffer indices
-    keys = int(starts.max()) + width
+    keys = int(starts.max()) + width if keys is None else keys
     mask = pattern.dense(idx, torch.arange(keys, device=starts.device))  # (B, 1, T, S)
     logits = model(batch.x.gather(1, idx), position_ids=batch.position_ids.gather(1, idx), mask=mask,
                    cache=_RowWindows(cache, starts, width, keys), offset=0)  # (B, T, V)
     if model.config.logits_shift:
         logits = shift_logits(logits)
     return logits[..., :model.config.vocab_size]
+
+
+def to_device(values: list[int], device) -> Tensor:
+    """A short list of host ints as a long tensor on `device`. On a GPU through pinned memory, asynchronously: a
+    copy from ordinary (pageable) memory would wait for every kernel queued before it."""
+    t = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def answer_done(answer: Tensor, mask_id: int, eos_id: int | None) -> Tensor:

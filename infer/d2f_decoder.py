@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from d2f.masks import block_causal
-from infer.batch import Batch, cancel, done_from, forward_logits, forward_rows, keep_rows, new_cache
+from infer.batch import Batch, cancel, done_from, forward_logits, forward_rows, keep_rows, new_cache, to_device
 from infer.sampling import commit_threshold, predict
 from infer.steps import Changes, StepLog, read_rows
 
@@ -260,12 +260,13 @@ def _predict(model, batch: Batch, rows: Rows, seen: Seen, cache, pattern, cfg, g
         width = max((e - s for s, e, d in zip(starts, ends, seen.decoding[a:b]) if d), default=0)
         if width == 0:  # nobody decoding in this part (cancelled)
             continue
-        starts = torch.tensor([min(s if d else 0, L - width) for s, d in zip(starts, seen.decoding[a:b])],
-                              dtype=torch.long, device=dev)
+        starts = [min(s if d else 0, L - width) for s, d in zip(starts, seen.decoding[a:b])]
+        keys = max(starts) + width
+        starts = to_device(starts, dev)
         sub = Batch(batch.x[a:b], batch.position_ids[a:b],
                     None if batch.key_valid is None else batch.key_valid[a:b], P, batch.prompt_lens[a:b])
         view = cache.rows(a, b)
-        logits = forward_rows(model, sub, starts, width, block_causal(P, Bs, sub.key_valid), view)
+        logits = forward_rows(model, sub, starts, width, block_causal(P, Bs, sub.key_valid), view, keys)
         cache.length = max(cache.length, view.length)
         idx = starts[:, None] + torch.arange(width, device=dev) - P  # (b-a, width) answer index
         col = torch.where((idx >= 0) & (idx < G), idx, G)  # out-of-answer predictions: a spare column

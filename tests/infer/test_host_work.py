@@ -66,6 +66,30 @@ def test_decode_step_host_work(trace, name, static, batch):
     assert row["syncs_per_forward"] <= syncs, row
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_per_sample_windows_read_the_device_once_per_step_plus_their_window_starts(batch):
+    """D2F with windows="rows" (the server's): the step's read, plus its window starts made from the host's
+    bounds (on a GPU a pinned, asynchronous copy: `infer.batch.to_device`); the keys the windows reach come from
+    the host too. Before: 3.0 (batch 1) and 3.4 (batch 4) syncs per forward, the keys read back from the device."""
+    from infer.api import DecodeConfig, generate
+    model = random_model("tiny-llada", dtype=torch.float32, std=0.3)
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=32, block_size=8, tau_add=0.3, tau_act=0.5, tau_conf=0.3)
+    prompts = [[5, 9, 17, 33], [40, 8, 21, 7, 3, 11, 19], [12, 14], [6, 60, 61, 62, 63, 64]][:batch]
+    with bench.HostWork(model) as work:
+        got = generate(model, None, prompts, cfg, windows="rows")
+    assert [r.token_ids for r in got] == [r.token_ids for r in generate(model, None, prompts, cfg)]
+    assert work.syncs / work.forwards <= 2.5, (work.syncs, work.forwards)
+    assert work.launches / work.forwards <= 110, (work.launches, work.forwards)
+
+
+def test_to_device_makes_the_same_long_tensor():
+    from infer.batch import to_device
+    t = to_device([3, 0, 7], "cpu")
+    assert t.dtype == torch.long and t.tolist() == [3, 0, 7]
+    if torch.cuda.is_available():
+        assert to_device([3, 0, 7], "cuda").cpu().tolist() == [3, 0, 7]
+
+
 @pytest.mark.parametrize("cfg", [
     dict(mode="d2f", max_new_tokens=32, block_size=8, tau_add=0.5, tau_act=0.8, tau_conf=0.5),
     dict(mode="fast-dllm", max_new_tokens=32, block_size=8, cache="dual", threshold=0.5),
