@@ -88,3 +88,19 @@ def test_bench_compile_rows_replay_exactly(tmp_path):
     labels = {(r["mode"], r["backend"]) for r in rows if r.get("replay_ok")}
     for mode in ("d2f", "ar"):
         assert {(mode, "sdpa+compile"), (mode, "sdpa+static+compile")} <= labels, labels
+
+
+@pytest.mark.slow
+def test_server_engine_with_a_compiled_model_answers_as_generate_alone(student):
+    """The server's engine (requests joining a running batch, per-sample windows) on the compiled student: each
+    answer is the one plain `generate` gives that prompt alone."""
+    from infer.api import encode_prompts, format_prompt
+    from infer.engine import Engine
+    from tests.infer.test_serve import CFG, QUESTIONS, offline, run_all
+    model, tok = student
+    texts = [format_prompt(tok, q) for q in QUESTIONS]
+    finals = run_all(Engine(compiled(model), tok, CFG, max_batch=8).start(), encode_prompts(tok, texts), CFG,
+                     CFG.max_new_tokens, timeout=600)
+    want = [offline(model, tok, t).token_ids for t in texts]
+    assert [f["type"] for f in finals] == ["done"] * len(texts), finals
+    assert [f["token_ids"] for f in finals] == want
