@@ -12,7 +12,8 @@ find a model outside its package). From Python: `import infer.lm_eval_adapter`, 
 `lm_eval.simple_evaluate(model="d2f", model_args="...", tasks=["gsm8k"])`.
 
 model_args: `model` (hub id / checkpoint dir; default the testbed model for the mode), `mode`,
-`adapter`, `dtype`, and any `infer.api.DecodeConfig` field (`max_new_tokens`,
+`adapter`, `dtype`, `cuda_graphs` and `compile` (true/false: `infer.api.load`'s speed-ups, the same
+tokens), and any `infer.api.DecodeConfig` field (`max_new_tokens`,
 `block_size`, `steps`, `cache`, `rule`, `threshold`, `tau_add`, ...). The device and batch size are
 lm_eval's own `--device` (its default cuda:0 falls back to the CPU when there is no GPU) and
 `--batch_size` (an integer; "auto" is not supported).
@@ -42,6 +43,15 @@ LOGLIKELIHOOD_ERROR = ("the d2f model does not support loglikelihood requests: d
                        "no exact sequence likelihood, only an ELBO. Use generation tasks (e.g. --tasks gsm8k).")
 
 
+def _flag(value, name: str) -> bool:
+    """A true/false model_arg (lm-eval passes booleans; a string may come from Python callers)."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise UserError(f"d2f: {name} must be true or false, got {value!r}")
+    return value
+
+
 def _decode_cls():
     from infer.decode_config import DecodeConfig
 
@@ -66,8 +76,10 @@ class D2FLM(_Base):
     """model: a hub id / checkpoint dir / None (testbed), or an already loaded model with `tokenizer=`."""
 
     def __init__(self, model=None, mode: str = "d2f", adapter: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", batch_size=1, tokenizer=None, max_batch_size=None, **decode):
+                 dtype: str = "float32", batch_size=1, tokenizer=None, max_batch_size=None, cuda_graphs=False,
+                 compile=False, **decode):
         super().__init__()
+        cuda_graphs, compile = _flag(cuda_graphs, "cuda_graphs"), _flag(compile, "compile")
         if isinstance(batch_size, str):
             if not batch_size.isdigit():
                 raise UserError(f"d2f: batch_size must be a positive integer, got {batch_size!r} "
@@ -81,10 +93,14 @@ class D2FLM(_Base):
         if model is None or isinstance(model, str):
             from infer.api import load
 
-            self.model, self.tokenizer = load(model, self.cfg.mode, adapter=adapter, device=device, dtype=dtype)
+            self.model, self.tokenizer = load(model, self.cfg.mode, adapter=adapter, device=device, dtype=dtype,
+                                              cuda_graphs=cuda_graphs, compile=compile)
         else:
             if tokenizer is None:
                 raise UserError("d2f: pass tokenizer= together with an already loaded model")
+            if cuda_graphs or compile:
+                raise UserError("d2f: cuda_graphs and compile apply when the adapter loads the model; wrap an "
+                                "already loaded one yourself (infer.graphs.StaticForward, infer.graphs.compiled)")
             self.model, self.tokenizer = model, tokenizer
         self.model_name = model if isinstance(model, str) else "testbed"
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import infer.api
+from d2f.errors import UserError
 from d2f.models import build_model, preset_config, save_pretrained
 from infer.api import DecodeConfig, Result, generate
 from infer.lm_eval_adapter import D2FLM, LOGLIKELIHOOD_ERROR, cut_at_stop
@@ -109,6 +110,18 @@ def test_bad_model_args_are_named():
         D2FLM(model=tiny_model(), tokenizer=tiny_tokenizer(), batch_size="auto")
     with pytest.raises(ValueError, match="tokenizer"):
         D2FLM(model=tiny_model())
+
+
+def test_cuda_graphs_and_compile_model_args_reach_load():
+    from torch._dynamo.eval_frame import OptimizedModule
+    from infer.graphs import StaticForward
+    lm = D2FLM(mode="d2f", cuda_graphs="true", compile=True, max_new_tokens=16, block_size=8)
+    assert isinstance(lm.model, StaticForward) and isinstance(lm.model.model, OptimizedModule)
+    assert not isinstance(D2FLM(mode="d2f", compile="false", max_new_tokens=16, block_size=8).model, OptimizedModule)
+    with pytest.raises(UserError, match="compile must be true or false, got 'yes please'"):
+        D2FLM(mode="d2f", compile="yes please")
+    with pytest.raises(UserError, match="wrap an already loaded one yourself"):
+        D2FLM(model=tiny_model(), tokenizer=tiny_tokenizer(), compile=True)
 
 
 def test_registered_with_lm_eval_and_built_from_model_args(tmp_path):
