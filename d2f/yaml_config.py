@@ -33,6 +33,16 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(sorted(valid))}")
 
 
+def parse_bool(value: Any, what: str) -> bool:
+    """A true/false setting given as a bool or a string (true/false, 1/0, yes/no, on/off); `what` names it in
+    the error."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise ConfigError(f"{what}: expected true/false, got {value!r}")
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` (from YAML or a command-line string) to the annotated type `tp`."""
     origin = typing.get_origin(tp)
@@ -67,11 +77,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return parse_bool(value, f"config key {key!r}")
     if tp in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")

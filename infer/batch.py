@@ -288,7 +288,7 @@ def keep_rows(keep: list[int], batch: Batch, cache) -> tuple[Batch, Tensor]:
     """Only the rows `keep` (indices the host already holds, so nothing is read from the device) of the
     batch and the cache (None: no cache). Returns the batch and `keep` on the device, for the caller's own
     per-row tensors."""
-    idx = torch.tensor(keep, dtype=torch.long, device=batch.x.device)
+    idx = to_device(keep, batch.x.device)
     if cache is not None:
         cache.select(idx)
     return batch.select(idx), idx

@@ -6,7 +6,8 @@
 
 Why generated and not written out: a field added to `DecodeConfig` becomes an option of every
 command at once, and values go through `d2f.yaml_config.from_dict`, which converts strings to the
-field's declared type and lets `DecodeConfig` validate them (one set of error messages).
+field's declared type and lets `DecodeConfig` validate them (one set of error messages). `add_compile_arg`
+is the one option about loading the model that every command spells the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def _default(f: dataclasses.Field):
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
     return None
+
+
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    """`--compile`, the same in every command that loads a model (`infer.api.load(..., compile=True)`)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
+                             "each new shape compiles first, about a minute on a laptop CPU)")
 
 
 def add_decode_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> argparse._ArgumentGroup:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from d2f.yaml_config import ConfigError, from_dict, load_config
+from d2f.yaml_config import ConfigError, from_dict, load_config, parse_bool
 from d2f.errors import check_output_dir
 from d2f.errors import UserError
 from d2f.models import refs
@@ -104,11 +104,7 @@ def expand_rows(configs: dict, only: list[str] | None = None) -> list[Row]:
         if entry is not None and not isinstance(entry, dict):
             raise ConfigError(f"{where} must be a mapping of decoding settings, got {entry!r}")
         entry = dict(entry or {})
-        enabled = entry.pop("enabled", True)
-        if isinstance(enabled, str) and enabled.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            enabled = enabled.lower() in ("true", "1", "yes", "on")
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"{where}.enabled: expected true/false, got {enabled!r}")
+        enabled = parse_bool(entry.pop("enabled", True), f"{where}.enabled")
         if not enabled and not only:
             continue
         model, adapter, sweep = entry.pop("model", None), entry.pop("adapter", None), entry.pop("sweep", None)

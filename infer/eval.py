@@ -34,7 +34,7 @@ import numpy as np
 
 from d2f.errors import UserError, check_output_dir
 from infer import prompts as P
-from infer.cli_args import add_decode_args, decode_config_from_args
+from infer.cli_args import add_compile_arg, add_decode_args, decode_config_from_args
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -309,9 +309,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes, each forward one CUDA-graph replay "
                                                               "(infer.graphs; same tokens, fewer launches)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
-                        "each new shape compiles first, about a minute on a laptop CPU)")
+    add_compile_arg(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -25,7 +25,7 @@ DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then sh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from infer.cli_args import add_decode_args
+    from infer.cli_args import add_compile_arg, add_decode_args
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="preset, hub id or checkpoint dir (default: the testbed model "
@@ -40,9 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes, each forward one CUDA-graph replay "
                                                               "(infer.graphs; same tokens, fewer launches)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
-                        "each new shape compiles first, about a minute on a laptop CPU)")
+    add_compile_arg(p)
     p.add_argument("--no-chat-template", action="store_true", help="use prompts as given")
     p.add_argument("--trace", default=None, metavar="FILE", help="write every step as JSON lines")
     p.add_argument("--no-stream", action="store_true", help="print answers only when complete")

@@ -35,21 +35,12 @@ try:  # lm-eval is optional: without it the class still works on request objects
 except ImportError:  # pragma: no cover - exercised when lm-eval is not installed
     _Base, register_model = object, None
 
-from d2f.yaml_config import from_dict
+from d2f.yaml_config import from_dict, parse_bool
 from d2f.errors import UserError
 from infer.prompts import cut_at_stop
 
 LOGLIKELIHOOD_ERROR = ("the d2f model does not support loglikelihood requests: diffusion LMs (LLaDA, Dream) have "
                        "no exact sequence likelihood, only an ELBO. Use generation tasks (e.g. --tasks gsm8k).")
-
-
-def _flag(value, name: str) -> bool:
-    """A true/false model_arg (lm-eval passes booleans; a string may come from Python callers)."""
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    if not isinstance(value, bool):
-        raise UserError(f"d2f: {name} must be true or false, got {value!r}")
-    return value
 
 
 def _decode_cls():
@@ -79,7 +70,8 @@ class D2FLM(_Base):
                  dtype: str = "float32", batch_size=1, tokenizer=None, max_batch_size=None, cuda_graphs=False,
                  compile=False, **decode):
         super().__init__()
-        cuda_graphs, compile = _flag(cuda_graphs, "cuda_graphs"), _flag(compile, "compile")
+        # lm-eval passes booleans; a string may come from Python callers
+        cuda_graphs, compile = parse_bool(cuda_graphs, "d2f cuda_graphs"), parse_bool(compile, "d2f compile")
         if isinstance(batch_size, str):
             if not batch_size.isdigit():
                 raise UserError(f"d2f: batch_size must be a positive integer, got {batch_size!r} "

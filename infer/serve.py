@@ -392,7 +392,7 @@ def build(args: argparse.Namespace):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from infer.cli_args import add_decode_args
+    from infer.cli_args import add_compile_arg, add_decode_args
     p = argparse.ArgumentParser(prog="python -m infer.serve", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="preset, hub id or checkpoint dir (default: the testbed model for "
@@ -403,9 +403,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cuda-graphs", action="store_true", help="static shapes (not with mode d2f: requests join its "
                                                               "batch)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward (infer.graphs.compiled; same tokens, fused elementwise work; "
-                        "each new shape compiles first, about a minute on a laptop CPU)")
+    add_compile_arg(p)
     p.add_argument("--no-chat-template", action="store_true", help="chat messages joined as plain text")
     p.add_argument("--windows", choices=("rows", "union"), default="rows",
                    help="D2F: each request forwards its own window (rows), or the batch one window spanning all "

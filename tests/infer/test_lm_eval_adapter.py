@@ -118,7 +118,7 @@ def test_cuda_graphs_and_compile_model_args_reach_load():
     lm = D2FLM(mode="d2f", cuda_graphs="true", compile=True, max_new_tokens=16, block_size=8)
     assert isinstance(lm.model, StaticForward) and isinstance(lm.model.model, OptimizedModule)
     assert not isinstance(D2FLM(mode="d2f", compile="false", max_new_tokens=16, block_size=8).model, OptimizedModule)
-    with pytest.raises(UserError, match="compile must be true or false, got 'yes please'"):
+    with pytest.raises(UserError, match="d2f compile: expected true/false, got 'yes please'"):
         D2FLM(mode="d2f", compile="yes please")
     with pytest.raises(UserError, match="wrap an already loaded one yourself"):
         D2FLM(model=tiny_model(), tokenizer=tiny_tokenizer(), compile=True)
