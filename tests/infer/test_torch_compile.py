@@ -27,11 +27,15 @@ def test_load_compile_wraps_our_model_and_lifts_the_recompile_limit():
     assert isinstance(graphed, StaticForward) and isinstance(graphed.model, OptimizedModule)
 
 
-def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+def test_compile_without_a_cpp_compiler_is_one_clear_error():
     import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-c++-compiler"))
-    with pytest.raises(DecodeConfigError, match="needs a C\\+\\+ compiler .* install g\\+\\+ or drop --compile"):
-        load(None, "d2f", compile=True)
+    default = inductor.cpp.cxx
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the entry from inductor's config module, and every
+    # later compile in the process then fails
+    with inductor.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):
+        with pytest.raises(DecodeConfigError, match="needs a C\\+\\+ compiler .* install g\\+\\+ or drop --compile"):
+            load(None, "d2f", compile=True)
+    assert inductor.cpp.cxx == default
 
 
 def test_load_compile_refuses_a_transformers_model(tmp_path):
@@ -62,6 +66,29 @@ def test_compiled_forward_decodes_the_same_tokens(name):
         assert any(e.key.startswith("Torch-Compiled Region") for e in prof.key_averages()), (name, bs)
         if static is not None:
             assert decode(static, name, bs) == want, (name, bs, "static")
+
+
+# The baselines on their shipped float32 models (the tests above use float64 random models; D2F on the shipped
+# student is the eval and server tests below)
+TESTBED = {
+    "vanilla": dict(mode="vanilla", max_new_tokens=64, block_size=32, steps=64),
+    "fast-dllm-dual": dict(mode="fast-dllm", max_new_tokens=64, block_size=32, cache="dual", threshold=0.9),
+    "ar": dict(mode="ar", max_new_tokens=64),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TESTBED))
+def test_compiled_testbed_models_decode_the_same_tokens(name):
+    from infer.api import encode_prompts, format_prompt
+    from infer.eval import load_problems
+    cfg = DecodeConfig(**TESTBED[name])
+    eager, tok = load(None, cfg.mode)
+    fast, _ = load(None, cfg.mode, compile=True)
+    prompts = encode_prompts(tok, [format_prompt(tok, p["question"]) for p in load_problems("testbed", "test", 6)])
+    for bs in (1, 4):
+        want = [(r.token_ids, r.nfe) for r in generate(eager, tok, prompts, cfg, batch_size=bs)]
+        assert [(r.token_ids, r.nfe) for r in generate(fast, tok, prompts, cfg, batch_size=bs)] == want, (name, bs)
 
 
 @pytest.mark.slow
