@@ -1,0 +1,28 @@
+"""scripts/result_accuracy.py: the calculator results it finds, and its three rows on the first 20 held-out
+problems (the shipped testbed models; the 500-problem figures are in testbed/student/README.md)."""
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import result_accuracy  # noqa: E402
+
+
+def test_result_spans_are_the_numbers_after_a_bare_equals_sign():
+    from d2f.data.tokenizer import load_tokenizer, prompt_ids
+    tok = load_tokenizer(str(REPO / "testbed" / "tokenizer"))
+    vocab_text = [tok.decode([i]) for i in range(len(tok))]
+    answer = "The hats cost 2 * 11 = $<<2*11=22>>22 in total.\nSo the change is 50 - 22 = $<<50-22=28>>28.\n#### 28"
+    prompt = prompt_ids(tok, "Sofia buys 2 hats for $11 each.")
+    row = prompt + tok(answer, add_special_tokens=False)["input_ids"]
+    spans = result_accuracy.result_spans(row, len(prompt), vocab_text)
+    assert [tok.decode(row[s:e]) for s, e in spans] == ["22", "28"]
+    assert all(tok.decode(row[s - 1:s]) == "=" for s, _ in spans)
+
+
+def test_result_accuracy_rows_on_twenty_problems(capsys):
+    out = result_accuracy.main(["--limit", "20"])
+    assert out == {"results": 54, "teacher, full attention": 49, "student, block-causal": 47,
+                   "teacher's weights, block-causal (no adapter)": 37}
+    assert "| student, block-causal | 87.0% (47/54) |" in capsys.readouterr().out
