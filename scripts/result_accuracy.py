@@ -33,12 +33,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def result_spans(row: list[int], prompt_len: int, vocab_text: list[str]) -> list[tuple[int, int]]:
-    """(start, end) of each calculator result in the answer part of `row`: a number right after a bare `=`."""
-    from train.objectives import number_spans
-    return [(s, e) for s, e, _ in number_spans(row, vocab_text) if s >= prompt_len and vocab_text[row[s - 1]] == "="]
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -47,6 +41,7 @@ def main(argv=None) -> dict:
     from d2f.data.tokenizer import prompt_ids
     from infer.api import load
     from infer.eval import load_problems
+    from train.objectives import number_spans, result_spans
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +58,7 @@ def main(argv=None) -> dict:
             prompt = prompt_ids(tok, p["question"])
             P = len(prompt)
             row = prompt + tok(p["answer"], add_special_tokens=False)["input_ids"]
-            for s, e in result_spans(row, P, vocab_text):
+            for s, e, _ in result_spans([sp for sp in number_spans(row, vocab_text) if sp[0] >= P], row, vocab_text):
                 x = torch.tensor([row[:s] + [mask_id] * (P + args.gen - s)])  # (1, P + gen)
                 n += 1
                 for name, (model, causal) in rows.items():

@@ -189,6 +189,13 @@ def number_spans(row: list[int], vocab_text: list[str]) -> list[tuple[int, int, 
     return spans
 
 
+def result_spans(spans: list[tuple[int, int, str]], row: list[int],
+                 vocab_text: list[str]) -> list[tuple[int, int, str]]:
+    """The calculator results among `number_spans` of `row`: the numbers right after a bare `=` (the c of
+    `<<a*b=c>>`)."""
+    return [s for s in spans if vocab_text[row[s[0] - 1]] == "="]
+
+
 def result_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: int, eos_id: int,
                    vocab_text: list[str], generator: torch.Generator | None = None):
     """States in which the model must compute GSM8K calculator results. A result is the number right after
@@ -211,7 +218,7 @@ def result_process(input_ids: torch.Tensor, prompt_lens: torch.Tensor, mask_id: 
     for r in range(B):
         row, start, end = input_ids[r].tolist(), int(prompt_lens[r]), ends[r]
         spans = [s for s in number_spans(row, vocab_text) if start <= s[0] <= end]
-        results = [s for s in spans if vocab_text[row[s[0] - 1]] == "="]
+        results = result_spans(spans, row, vocab_text)
         draw = torch.rand(len(results) + 2, generator=generator, device=dev).tolist()  # one per result, 2 more
         chosen = [res for res, u in zip(results, draw) if u < RESULT_GROUP_PROB]
         if not chosen and results:

@@ -1,5 +1,6 @@
-"""scripts/result_accuracy.py: the calculator results it finds, and its three rows on the first 20 held-out
-problems (the shipped testbed models; the 500-problem figures are in testbed/student/README.md)."""
+"""scripts/result_accuracy.py: the calculator results it finds (train.objectives.result_spans, which the
+teacher's result states use too), and its three rows on the first 20 held-out problems (the shipped testbed
+models; the 500-problem figures are in testbed/student/README.md)."""
 import sys
 from pathlib import Path
 
@@ -11,14 +12,15 @@ import result_accuracy  # noqa: E402
 
 def test_result_spans_are_the_numbers_after_a_bare_equals_sign():
     from d2f.data.tokenizer import load_tokenizer, prompt_ids
+    from train.objectives import number_spans, result_spans
     tok = load_tokenizer(str(REPO / "testbed" / "tokenizer"))
     vocab_text = [tok.decode([i]) for i in range(len(tok))]
     answer = "The hats cost 2 * 11 = $<<2*11=22>>22 in total.\nSo the change is 50 - 22 = $<<50-22=28>>28.\n#### 28"
     prompt = prompt_ids(tok, "Sofia buys 2 hats for $11 each.")
     row = prompt + tok(answer, add_special_tokens=False)["input_ids"]
-    spans = result_accuracy.result_spans(row, len(prompt), vocab_text)
-    assert [tok.decode(row[s:e]) for s, e in spans] == ["22", "28"]
-    assert all(tok.decode(row[s - 1:s]) == "=" for s, _ in spans)
+    spans = result_spans([sp for sp in number_spans(row, vocab_text) if sp[0] >= len(prompt)], row, vocab_text)
+    assert [tok.decode(row[s:e]) for s, e, _ in spans] == ["22", "28"]
+    assert all(tok.decode(row[s - 1:s]) == "=" for s, _, _ in spans)
 
 
 def test_result_accuracy_rows_on_twenty_problems(capsys):
