@@ -131,10 +131,17 @@ def hold_joins(change, ids: Tensor, active: Tensor, waiting: list) -> tuple[Tens
     return active, waiting
 
 
-def join_waiting(waiting: list, batch: Batch, start: Tensor, active: Tensor, ids: Tensor, lo: int, G: int,
-                 fill_id: int) -> tuple[Batch, Tensor, Tensor, Tensor, int]:
-    """The waiting samples (`hold_joins`) join with their answers starting at the block boundary `lo`; every
-    sample has the same budget G."""
+def block_boundary(batch: Batch, decoding: list[bool], waiting: list, start: Tensor, active: Tensor, ids: Tensor,
+                   lo: int, G: int, fill_id: int, cache=None, compact: bool = True):
+    """For decoders that take joins at block boundaries (vanilla, Fast-dLLM), at the boundary `lo`: drop the rows
+    that no longer decode, from the batch and the cache (`compact`), then the waiting samples (`hold_joins`) join
+    with their answers starting at `lo`; every sample has the same budget G. `decoding` is the host's copy of
+    `active`. Returns (batch, decoding, start, active, ids, lo), `lo` shifted if a join widened the buffer."""
+    keep = [r for r, d in enumerate(decoding) if d]
+    if compact and len(keep) < len(decoding) and (keep or waiting):
+        batch, idx = keep_rows(keep, batch, cache)
+        start, active, ids = start[idx], active[idx], ids[idx]
+        decoding = [True] * len(keep)
     dev = batch.x.device
     for change in waiting:
         new = change.join
@@ -146,7 +153,8 @@ def join_waiting(waiting: list, batch: Batch, start: Tensor, active: Tensor, ids
         lo += shift
         active = torch.cat([active, torch.ones(n, dtype=torch.bool, device=dev)])
         ids = torch.cat([ids, torch.tensor(change.join_ids, dtype=torch.long, device=dev)])
-    return batch, start, active, ids, lo
+        decoding = decoding + [True] * n  # the joined samples decode
+    return batch, decoding, start, active, ids, lo
 
 
 def answers(batch: Batch, starts: Tensor, G: int) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import (Batch, answer_done, answers, block_commits, forward_logits, hold_joins, join_waiting, keep_rows,
+from infer.batch import (Batch, answer_done, answers, block_boundary, block_commits, forward_logits, hold_joins,
                          new_cache)
 from infer.sampling import commit_factor, commit_threshold, commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, read_rows
@@ -116,18 +116,12 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
                 decoding, _, [left] = read_rows(active, None, ids, masked.any(-1))
                 more = any(left)
         # ---- block boundary: leave, join -----------------------------------------------
-        lo = hi
-        keep = [r for r, d in enumerate(decoding) if d]
-        if compact and len(keep) < len(decoding) and (keep or waiting):
-            batch, idx = keep_rows(keep, batch, cache)
-            start, active, ids = start[idx], active[idx], ids[idx]
-            decoding = [True] * len(keep)
-        if waiting:
-            batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
-            decoding += [True] * (active.shape[0] - len(decoding))  # the joined samples decode
-            waiting = []
-            if cache is not None:  # the next forward is a full one: it rewrites every row
-                cache = new_cache(model, batch.x.shape[0], batch.x.shape[1])
+        joined = bool(waiting)
+        batch, decoding, start, active, ids, lo = block_boundary(batch, decoding, waiting, start, active, ids, hi, G,
+                                                                 mask_id, cache, compact)
+        waiting = []
+        if joined and cache is not None:  # the next forward is a full one: it rewrites every row
+            cache = new_cache(model, batch.x.shape[0], batch.x.shape[1])
         pattern = batch.full_pattern()
         if not any(decoding):
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from infer.batch import Batch, answers, block_commits, forward_logits, hold_joins, join_waiting, keep_rows
+from infer.batch import Batch, answers, block_boundary, block_commits, forward_logits, hold_joins
 from infer.sampling import commit_topk, predict, vanilla_schedule
 from infer.steps import StepLog, all_true, read_rows
 
@@ -74,14 +74,7 @@ def steps(model, batch: Batch, cfg, log: StepLog, generator: torch.Generator | N
             if change is not None:
                 active, waiting = hold_joins(change, ids, active, waiting)
                 decoding = read_rows(active, None, ids)[0]
-        lo = hi
-        keep = [r for r, d in enumerate(decoding) if d]
-        if len(keep) < len(decoding) and (keep or waiting):
-            batch, idx = keep_rows(keep, batch, None)
-            start, active, ids = start[idx], active[idx], ids[idx]
-            decoding = [True] * len(keep)
-        if waiting:
-            batch, start, active, ids, lo = join_waiting(waiting, batch, start, active, ids, lo, G, mask_id)
-            decoding += [True] * (active.shape[0] - len(decoding))  # the joined samples decode
-            waiting = []
+        batch, decoding, start, active, ids, lo = block_boundary(batch, decoding, waiting, start, active, ids, hi, G,
+                                                                 mask_id)
+        waiting = []
         pattern = batch.full_pattern()
