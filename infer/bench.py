@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt length of the first sample (+1 each next)")
     ap.add_argument("--backends", default="sdpa,triton,flex", help="attention backends timed on the d2f rows")
     ap.add_argument("--no-static", action="store_true", help="skip the rows under infer.graphs.StaticForward "
-                                                            "(CUDA graphs on a GPU) of the cached modes")
+                                                            "(CUDA graphs on a GPU)")
     ap.add_argument("--compile", action="store_true", help="also time every mode with its forward under torch.compile "
                                                            "(infer.graphs.compiled), eager and static (compiling "
                                                            "is untimed but takes a while)")
@@ -532,10 +532,10 @@ def bench_shape(shape: str, args, trace: dict, modes, backends, batches, device,
         for name in modes:
             m = ar_model if name == "ar" else model
             paths = [(be, False) for be in (backends if name == "d2f" else [None])]
-            if not args.no_static and name != "vanilla":  # vanilla has no cache: nothing to make static
+            if not args.no_static:  # vanilla has no cache but a static shape already: its graph is captured as is
                 paths.append(("static", False))
             if args.compile:
-                paths += [(None, True)] + ([("static", True)] if not args.no_static and name != "vanilla" else [])
+                paths += [(None, True)] + ([("static", True)] if not args.no_static else [])
             for be, comp in paths:
                 try:
                     row = run_mode(m, trace, name, b, n, args.prompt_len, be, compile=comp)

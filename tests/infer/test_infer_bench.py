@@ -84,15 +84,15 @@ def test_transformers_model_shares_weights_and_decodes_the_same(shape):
 
 
 def test_cli_writes_table(tmp_path):
-    rc = bench.main(["--shapes", "tiny-llada", "--modes", "d2f,fast-dllm-dual,ar", "--batch-sizes", "1,2",
+    rc = bench.main(["--shapes", "tiny-llada", "--modes", "vanilla,d2f,fast-dllm-dual,ar", "--batch-sizes", "1,2",
                      "--samples", "2", "--samples-b1", "1", "--backends", "sdpa", "--prompt-len", "30",
                      "--output-dir", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     # per batch size: the modes in the order given, each eager and under static shapes (CUDA graphs on a
-    # GPU), then transformers' generate
+    # GPU; vanilla too, whose forwards have no cache), then transformers' generate
     assert [(r["mode"], r["backend"], r["batch"]) for r in rows] == [
-        (m, be, b) for b in (1, 2) for m, be in (("d2f", "sdpa"), ("d2f", "sdpa+static"), ("fast-dllm-dual", "sdpa"),
+        (m, be, b) for b in (1, 2) for m, be in (("vanilla", "sdpa"), ("vanilla", "sdpa+static"), ("d2f", "sdpa"), ("d2f", "sdpa+static"), ("fast-dllm-dual", "sdpa"),
                                                  ("fast-dllm-dual", "sdpa+static"), ("ar", "sdpa"),
                                                  ("ar", "sdpa+static"), ("hf-generate", "transformers"))]
     assert all(r["replay_ok"] in (True, None) and r["tokens_per_s"] > 0 and r["x_floor"] > 0 for r in rows)
