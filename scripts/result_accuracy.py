@@ -3,10 +3,11 @@
 For every `<<a*b=c>>` result in the gold answers of the held-out testbed problems: the prompt and the answer
 before the result are clean, the result and everything after it (to the gen length) are masks, which is the
 state a decoder is in when it reaches a result. A model passes a result when its argmax at the result's slots,
-all in one forward, is the result's tokens. Three rows: the teacher with full attention (how vanilla decoding
-sees the state), the D2F student block-causally (block 16 from the prompt's end, as D2F decodes), and the
-teacher's own weights block-causally (no adapter). testbed/student/README.md ("Where the 6.8 points go") says
-what the figures mean for the student's accuracy.
+all in one forward, is the result's tokens. The rows: the teacher with full attention (how vanilla decoding
+sees the state); the same with the sequence cut at the end of the result's block (block 16 from the prompt's
+end), so that it sees only the positions a block-causal model sees there, and cut one block later; the D2F
+student block-causally (as D2F decodes); and the teacher's own weights block-causally (no adapter).
+testbed/student/README.md ("Where the 6.8 points go") says what the figures mean for the student's accuracy.
 
     python scripts/result_accuracy.py                 # the 500 held-out problems, about 2 min on 2 cores
     python scripts/result_accuracy.py --limit 50
@@ -49,8 +50,12 @@ def main(argv=None) -> dict:
     student, _ = load(args.model, "d2f", adapter=args.adapter)
     vocab_text = [tok.decode([i]) for i in range(len(tok))]
     mask_id = teacher.config.mask_token_id
-    rows = {"teacher, full attention": (teacher, False), "student, block-causal": (student, True),
-            "teacher's weights, block-causal (no adapter)": (teacher, True)}
+    # name -> (model, block-causal?, blocks kept after the result's block; None: the whole gen length)
+    rows = {"teacher, full attention": (teacher, False, None),
+            "teacher, full attention, cut at the end of the result's block": (teacher, False, 0),
+            "teacher, full attention, cut one block later": (teacher, False, 1),
+            "student, block-causal": (student, True, None),
+            "teacher's weights, block-causal (no adapter)": (teacher, True, None)}
     passed = dict.fromkeys(rows, 0)
     n = 0
     with torch.no_grad():
@@ -60,10 +65,12 @@ def main(argv=None) -> dict:
             row = prompt + tok(p["answer"], add_special_tokens=False)["input_ids"]
             for s, e, _ in result_spans([sp for sp in number_spans(row, vocab_text) if sp[0] >= P], row, vocab_text):
                 x = torch.tensor([row[:s] + [mask_id] * (P + args.gen - s)])  # (1, P + gen)
+                block_end = P + ((e - 1 - P) // args.block_size + 1) * args.block_size  # of the result's last slot
                 n += 1
-                for name, (model, causal) in rows.items():
+                for name, (model, causal, after) in rows.items():
+                    cut = x if after is None else x[:, :block_end + after * args.block_size]
                     pattern = masks.block_causal(P, args.block_size) if causal else None
-                    passed[name] += model(x, mask=pattern)[0, s:e].argmax(-1).tolist() == row[s:e]
+                    passed[name] += model(cut, mask=pattern)[0, s:e].argmax(-1).tolist() == row[s:e]
     print(f"calculator results in the gold answers of {args.limit} held-out problems: {n}")
     print("| model | results right (argmax, one forward) |\n|---|---|")
     for name, k in passed.items():

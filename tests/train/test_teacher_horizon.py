@@ -1,0 +1,66 @@
+"""scripts/teacher_horizon.py: hiding the keys after the current block is the same as cutting the sequence
+there; with every block visible it is plain vanilla decoding, token for token; cut to the current block the
+testbed teacher decodes differently and worse (its figures on the 500 problems are in testbed/student/README.md)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import teacher_horizon  # noqa: E402
+
+# the first 4 held-out problems, gen 48: which answers the cut leaves as they were (problem 2 then reads
+# "Kofi paid $1000 the the change" where plain decoding reads "Jamal paid $100, so the change")
+SAME_WHEN_CUT = [True, True, False, True]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from infer.api import load
+    return load(None, "vanilla")
+
+
+def test_hidden_keys_equal_a_cut_sequence(teacher):
+    model, tok = teacher
+    from d2f.data.tokenizer import prompt_ids
+    mask_id = model.config.mask_token_id
+    prompt = prompt_ids(tok, "Mia has 12 apples. She buys 5 more. How many apples does she have now?")
+    P, G, bs = len(prompt), 64, 16
+    answer = tok("Mia has 12 + 5 = <<12+5=17>>17 apples.", add_special_tokens=False)["input_ids"][:20]
+    x = torch.tensor([prompt + answer + [mask_id] * (G - len(answer))])  # current block: the second (slots 16-31)
+    for extra in (0, 1):
+        end = P + (2 + extra) * bs
+        with torch.no_grad():
+            hidden = teacher_horizon.Horizon(model, bs, G, extra)(x)[:, :end]
+            cut = model(x[:, :end])
+        torch.testing.assert_close(hidden, cut, rtol=1e-4, atol=1e-4)
+
+
+def test_every_block_visible_is_plain_vanilla_and_the_cut_changes_answers(teacher):
+    from d2f.data.tokenizer import prompt_ids
+    from infer.api import DecodeConfig, generate
+    from infer.eval import load_problems
+    model, tok = teacher
+    problems = load_problems("testbed", "test", 4)
+    prompts = [prompt_ids(tok, p["question"]) for p in problems]
+    cfg = DecodeConfig(mode="vanilla", max_new_tokens=48, block_size=16, steps=48)
+    plain = [r.token_ids for r in generate(model, tok, prompts, cfg)]
+    args = ["--limit", "4", "--gen", "48", "--batch-size", "4"]
+    out = teacher_horizon.main(args + ["--extra-blocks", "2"])  # the current block + 2 later ones: all 3 blocks
+    assert out["token_ids"] == plain
+    cut = teacher_horizon.main(args)
+    assert [a == b for a, b in zip(cut["token_ids"], plain)] == SAME_WHEN_CUT
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--extra-blocks", "-1"], "--extra-blocks -1 is negative"),
+    (["--block-size", "24"], "--block-size 24 does not divide --gen 128"),
+])
+def test_bad_arguments_one_line(argv, msg):
+    from d2f.errors import UserError
+    with pytest.raises(UserError) as e:
+        teacher_horizon.main(argv)
+    assert msg in str(e.value) and "\n" not in str(e.value)
