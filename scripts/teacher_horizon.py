@@ -42,7 +42,8 @@ class Horizon(nn.Module):
         P = L - self.gen_len  # where every row's answer starts
         col = torch.arange(L, device=input_ids.device)
         first = torch.where(input_ids == self.config.mask_token_id, col, L).min(-1).values  # (B,) first mask
-        end = P + ((first - P) // self.block_size + 1 + self.extra) * self.block_size  # (B,) visible up to here
+        # (B,) visible up to here: block_index numbers answer block k as k + 1, so this is the end of the block
+        end = P + (masks.block_index(first, P, self.block_size) + self.extra) * self.block_size
         visible = col[None, :] < torch.where(first < L, end, L)[:, None]  # (B, L); no mask left: all visible
         if mask is not None and mask.key_valid is not None:  # the batch's padding stays hidden
             visible = visible & mask.key_valid[:, :L]
@@ -58,36 +59,41 @@ def parse_args(argv=None):
     ap.add_argument("--gen", type=positive_int, default=128, help="answer slots (default 128)")
     ap.add_argument("--batch-size", type=positive_int, default=50)
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    ap.add_argument("--output-dir", default=None, help="predictions and summary, as infer.eval writes them "
+                                                       "(default: outputs/teacher_horizon/extra-<N>)")
+    ap.add_argument("--overwrite", action="store_true", help="start again instead of resuming --output-dir")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    """Decodes and scores the problems with `infer.eval.evaluate` (the prompts, scoring and summary of
+    `python -m infer.eval`, so the figures compare with its rows); returns its summary."""
     args = parse_args(argv)
-    from d2f.data.extract import is_correct
-    from d2f.data.tokenizer import prompt_ids
-    from d2f.errors import UserError
-    from infer.api import DecodeConfig, generate, load
-    from infer.eval import load_problems
+    from d2f.errors import UserError, check_output_dir
+    from infer.api import DecodeConfig, load
+    from infer.eval import evaluate, load_problems, make_prompts
 
     if args.extra_blocks < 0:
         raise UserError(f"--extra-blocks {args.extra_blocks} is negative: give 0 (only the current block) or more")
     if args.gen % args.block_size:
         raise UserError(f"--block-size {args.block_size} does not divide --gen {args.gen}: pick one that does")
+    out_dir = Path(args.output_dir or Path("outputs") / "teacher_horizon" / f"extra-{args.extra_blocks}")
+    check_output_dir(out_dir, "--output-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher, tok = load(args.model, "vanilla")
     model = Horizon(teacher, args.block_size, args.gen, args.extra_blocks)
     cfg = DecodeConfig(mode="vanilla", max_new_tokens=args.gen, block_size=args.block_size, steps=args.gen)
     problems = load_problems("testbed", "test", args.limit)
-    results = generate(model, tok, [prompt_ids(tok, p["question"]) for p in problems], cfg,
-                       batch_size=args.batch_size)
-    right = sum(bool(is_correct(r.text, p["final"])) for p, r in zip(problems, results))
-    n = len(problems)
-    length = sum(r.num_tokens for r in results) / n
+    prompts = make_prompts(tok, problems, shots=0, source="testbed")
+    meta = {"model": args.model, "extra_blocks": args.extra_blocks}
+    s = evaluate(model, tok, problems, prompts, cfg, out_dir, batch_size=args.batch_size, meta=meta,
+                 overwrite=args.overwrite, progress=not args.no_progress, desc=f"horizon +{args.extra_blocks}")
     print(f"teacher, vanilla, block {args.block_size}, answer visible to the end of the current block + "
-          f"{args.extra_blocks}: {right / n:.1%} ({right}/{n}), answer length {length:.1f}, NFE {args.gen}")
-    return {"correct": right, "problems": n, "answer_length": length,
-            "token_ids": [r.token_ids for r in results]}
+          f"{args.extra_blocks}: {s['accuracy']:.1%} ({s['correct']}/{s['n']}), answer length "
+          f"{s['answer_tokens_mean']:.1f}, NFE {s['nfe_mean']:.0f} -> {out_dir}")
+    return s
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ SKIP = {
 # documented command -> [(text to replace, replacement), ...]; "+ ..." appends. {tmp}: the test's tmp dir.
 RUN = {
     "python scripts/result_accuracy.py": [("+", "--limit 3")],
-    "python scripts/teacher_horizon.py": [("+", "--limit 2")],
+    "python scripts/teacher_horizon.py": [("+", "--limit 2 --output-dir {tmp}/th")],
     "python -m infer.load_test": [("+", "--concurrency 1,2 --requests 2 --max-tokens 32 --output-dir {tmp}/lt -- "
                                         "--max-new-tokens 32 --block-size 16 --threads 1")],
     "bash scripts/setup.sh && .venv/bin/python -m infer.compare --limit 20":

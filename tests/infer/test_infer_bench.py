@@ -92,7 +92,8 @@ def test_cli_writes_table(tmp_path):
     # per batch size: the modes in the order given, each eager and under static shapes (CUDA graphs on a
     # GPU; vanilla too, whose forwards have no cache), then transformers' generate
     assert [(r["mode"], r["backend"], r["batch"]) for r in rows] == [
-        (m, be, b) for b in (1, 2) for m, be in (("vanilla", "sdpa"), ("vanilla", "sdpa+static"), ("d2f", "sdpa"), ("d2f", "sdpa+static"), ("fast-dllm-dual", "sdpa"),
+        (m, be, b) for b in (1, 2) for m, be in (("vanilla", "sdpa"), ("vanilla", "sdpa+static"), ("d2f", "sdpa"),
+                                                 ("d2f", "sdpa+static"), ("fast-dllm-dual", "sdpa"),
                                                  ("fast-dllm-dual", "sdpa+static"), ("ar", "sdpa"),
                                                  ("ar", "sdpa+static"), ("hf-generate", "transformers"))]
     assert all(r["replay_ok"] in (True, None) and r["tokens_per_s"] > 0 and r["x_floor"] > 0 for r in rows)

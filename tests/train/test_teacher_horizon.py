@@ -1,6 +1,6 @@
 """scripts/teacher_horizon.py: hiding the keys after the current block is the same as cutting the sequence
-there; with every block visible it is plain vanilla decoding, token for token; cut to the current block the
-testbed teacher decodes differently and worse (its figures on the 500 problems are in testbed/student/README.md)."""
+there; with every block visible it is plain vanilla decoding, answer for answer; cut to the current block the
+testbed teacher decodes differently (its figures on the 500 problems are in testbed/student/README.md)."""
 import sys
 from pathlib import Path
 
@@ -39,28 +39,31 @@ def test_hidden_keys_equal_a_cut_sequence(teacher):
         torch.testing.assert_close(hidden, cut, rtol=1e-4, atol=1e-4)
 
 
-def test_every_block_visible_is_plain_vanilla_and_the_cut_changes_answers(teacher):
-    from d2f.data.tokenizer import prompt_ids
+def test_every_block_visible_is_plain_vanilla_and_the_cut_changes_answers(teacher, tmp_path):
     from infer.api import DecodeConfig, generate
-    from infer.eval import load_problems
+    from infer.eval import PREDICTIONS, load_problems, make_prompts, read_predictions
     model, tok = teacher
     problems = load_problems("testbed", "test", 4)
-    prompts = [prompt_ids(tok, p["question"]) for p in problems]
     cfg = DecodeConfig(mode="vanilla", max_new_tokens=48, block_size=16, steps=48)
-    plain = [r.token_ids for r in generate(model, tok, prompts, cfg)]
-    args = ["--limit", "4", "--gen", "48", "--batch-size", "4"]
-    out = teacher_horizon.main(args + ["--extra-blocks", "2"])  # the current block + 2 later ones: all 3 blocks
-    assert out["token_ids"] == plain
-    cut = teacher_horizon.main(args)
-    assert [a == b for a, b in zip(cut["token_ids"], plain)] == SAME_WHEN_CUT
+    plain = [r.text for r in generate(model, tok, make_prompts(tok, problems, shots=0, source="testbed"), cfg)]
+
+    def outputs(extra: int) -> list[str]:
+        out = tmp_path / f"extra-{extra}"
+        summary = teacher_horizon.main(["--limit", "4", "--gen", "48", "--batch-size", "4", "--no-progress",
+                                        "--extra-blocks", str(extra), "--output-dir", str(out)])
+        assert summary["n"] == 4 and summary["nfe_mean"] == 48
+        return [r["output"] for _, r in sorted(read_predictions(out / PREDICTIONS).items())]
+
+    assert outputs(2) == plain  # the current block + 2 later ones: all 3 blocks
+    assert [a == b for a, b in zip(outputs(0), plain)] == SAME_WHEN_CUT
 
 
 @pytest.mark.parametrize("argv, msg", [
     (["--extra-blocks", "-1"], "--extra-blocks -1 is negative"),
     (["--block-size", "24"], "--block-size 24 does not divide --gen 128"),
 ])
-def test_bad_arguments_one_line(argv, msg):
+def test_bad_arguments_one_line(argv, msg, tmp_path):
     from d2f.errors import UserError
     with pytest.raises(UserError) as e:
-        teacher_horizon.main(argv)
+        teacher_horizon.main(argv + ["--output-dir", str(tmp_path)])
     assert msg in str(e.value) and "\n" not in str(e.value)
