@@ -30,6 +30,14 @@ def block_index(idx: Tensor, prompt_len: Tensor | int, block_size: int) -> Tenso
     return torch.where(idx < prompt_len, torch.zeros_like(answer_block), answer_block)
 
 
+def block_end(idx: Tensor, prompt_len: Tensor | int, block_size: int) -> Tensor:
+    """One past the last index of the block holding each index (`prompt_len` for the prompt): where a
+    block-causal model's view from that index ends. Shapes as `block_index`."""
+    if isinstance(prompt_len, Tensor) and prompt_len.dim() == 1:
+        prompt_len = prompt_len[:, None]  # (B, 1)
+    return prompt_len + block_index(idx, prompt_len, block_size) * block_size
+
+
 def allowed(kind: str, q_idx: Tensor, k_idx: Tensor, prompt_len: Tensor | int | None = None,
             block_size: int | None = None) -> Tensor:
     """May query index q attend to key index k? Returns bool (..., Tq, Tk).

@@ -65,8 +65,7 @@ def main(argv=None) -> dict:
             row = prompt + tok(p["answer"], add_special_tokens=False)["input_ids"]
             for s, e, _ in result_spans([sp for sp in number_spans(row, vocab_text) if sp[0] >= P], row, vocab_text):
                 x = torch.tensor([row[:s] + [mask_id] * (P + args.gen - s)])  # (1, P + gen)
-                # the end of the block holding the result's last slot (block_index: answer block k is k + 1)
-                block_end = P + int(masks.block_index(torch.tensor(e - 1), P, args.block_size)) * args.block_size
+                block_end = int(masks.block_end(torch.tensor(e - 1), P, args.block_size))  # of the result's last slot
                 n += 1
                 for name, (model, causal, after) in rows.items():
                     cut = x if after is None else x[:, :block_end + after * args.block_size]

@@ -42,8 +42,7 @@ class Horizon(nn.Module):
         P = L - self.gen_len  # where every row's answer starts
         col = torch.arange(L, device=input_ids.device)
         first = torch.where(input_ids == self.config.mask_token_id, col, L).min(-1).values  # (B,) first mask
-        # (B,) visible up to here: block_index numbers answer block k as k + 1, so this is the end of the block
-        end = P + (masks.block_index(first, P, self.block_size) + self.extra) * self.block_size
+        end = masks.block_end(first, P, self.block_size) + self.extra * self.block_size  # (B,) visible up to here
         visible = col[None, :] < torch.where(first < L, end, L)[:, None]  # (B, L); no mask left: all visible
         if mask is not None and mask.key_valid is not None:  # the batch's padding stays hidden
             visible = visible & mask.key_valid[:, :L]

@@ -21,6 +21,19 @@ def test_block_causal_matches_definition(prompt_len, block, L):
     assert bool(m[0, 0, -1].all())  # the last answer row sees everything
 
 
+
+@pytest.mark.parametrize("prompt_len,block,L", [(5, 4, 17), (8, 4, 16), (3, 7, 24), (0, 2, 6), (1, 1, 5)])
+def test_block_end_is_where_the_block_causal_view_ends(prompt_len, block, L):
+    # a block-causal row sees exactly the keys before its block's end (fewer only past the buffer's end)
+    seen = brute_block_causal(L, prompt_len, block).sum(-1)  # (L,)
+    end = masks.block_end(torch.arange(L), prompt_len, block)
+    assert torch.equal(end.clamp(max=L), seen)
+    assert int(end[-1]) == prompt_len + -(-(L - prompt_len) // block) * block  # the last block's end, past L
+    # per-sample prompt lengths broadcast as in block_index
+    ends = masks.block_end(torch.arange(L), torch.tensor([prompt_len, 0]), block)  # (2, L)
+    assert torch.equal(ends[0], end) and torch.equal(ends[1], masks.block_end(torch.arange(L), 0, block))
+
+
 def test_full_and_causal():
     assert bool(masks.dense_mask(masks.full(), 5).all())
     c = masks.dense_mask(masks.causal(), 5)[0, 0]
