@@ -193,14 +193,21 @@ def compiled(model: nn.Module) -> nn.Module:
     specialisation (the first forward at offset 0, batch 1 against larger batches, windows reaching the
     cache's end: 1-4 graphs per mode). Every model of our classes shares one forward function, and dynamo
     allows 8 graphs per function by default, past which it runs the function eagerly (a logged warning); a
-    process running several modes (infer.compare, a server) needs more, hence the higher limit."""
+    process running several modes (infer.compare, a server) needs more, hence the higher limit.
+
+    Two settings cut what each call costs around the compiled kernels, which at testbed size is a tenth of
+    a forward (docs/bench.md). `specialize_float`: the modules' floats (norm eps, rope theta) are constants,
+    not graph inputs dynamo checks with a Python guard each on every call (about 80 of them). On a CPU,
+    `cpp_wrapper`: the code that calls the kernels one after another is C++ instead of Python."""
     import torch._dynamo
 
-    if next(model.parameters()).device.type == "cpu":
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu:
         _check_cpp_compiler()
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(model, dynamic=True)
+    cfg.specialize_float = True
+    return torch.compile(model, dynamic=True, options={"cpp_wrapper": True} if cpu else None)
 
 
 def _check_cpp_compiler() -> None:

@@ -27,6 +27,19 @@ def test_load_compile_wraps_our_model_and_lifts_the_recompile_limit():
     assert isinstance(graphed, StaticForward) and isinstance(graphed.model, OptimizedModule)
 
 
+def test_compiled_specialises_floats_and_wraps_kernels_in_cpp_on_a_cpu(monkeypatch):
+    # what makes a compiled call cheap around its kernels (docs/bench.md): float constants need no per-call guard,
+    # and on a CPU the code calling the kernels is C++
+    import torch._dynamo
+    calls, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or real(m, **kw))
+    with torch._dynamo.config.patch(specialize_float=False):
+        fast = compiled(random_model("tiny-llada", dtype=torch.float32))
+        assert torch._dynamo.config.specialize_float is True
+    assert isinstance(fast, OptimizedModule)
+    assert calls == [dict(dynamic=True, options={"cpp_wrapper": True})]
+
+
 def test_compile_without_a_cpp_compiler_is_one_clear_error():
     import torch._inductor.config as inductor
     default = inductor.cpp.cxx
