@@ -19,13 +19,19 @@ from torch import Tensor
 KINDS = ("full", "causal", "block_causal")
 
 
+def _per_row(prompt_len: Tensor | int) -> Tensor | int:
+    """A (B,) tensor of prompt lengths as (B, 1), so it broadcasts over positions; an int as it is."""
+    if isinstance(prompt_len, Tensor) and prompt_len.dim() == 1:
+        return prompt_len[:, None]  # (B, 1)
+    return prompt_len
+
+
 def block_index(idx: Tensor, prompt_len: Tensor | int, block_size: int) -> Tensor:
     """Block number of each index: 0 for the prompt, k + 1 for answer block k.
 
     `prompt_len` is an int or a (B,) tensor (then `idx` broadcasts to (B, L)).
     """
-    if isinstance(prompt_len, Tensor) and prompt_len.dim() == 1:
-        prompt_len = prompt_len[:, None]  # (B, 1) so it broadcasts over positions
+    prompt_len = _per_row(prompt_len)
     answer_block = torch.div(idx - prompt_len, block_size, rounding_mode="floor") + 1
     return torch.where(idx < prompt_len, torch.zeros_like(answer_block), answer_block)
 
@@ -33,8 +39,7 @@ def block_index(idx: Tensor, prompt_len: Tensor | int, block_size: int) -> Tenso
 def block_end(idx: Tensor, prompt_len: Tensor | int, block_size: int) -> Tensor:
     """One past the last index of the block holding each index (`prompt_len` for the prompt): where a
     block-causal model's view from that index ends. Shapes as `block_index`."""
-    if isinstance(prompt_len, Tensor) and prompt_len.dim() == 1:
-        prompt_len = prompt_len[:, None]  # (B, 1)
+    prompt_len = _per_row(prompt_len)
     return prompt_len + block_index(idx, prompt_len, block_size) * block_size
 
 

@@ -21,7 +21,6 @@ def test_block_causal_matches_definition(prompt_len, block, L):
     assert bool(m[0, 0, -1].all())  # the last answer row sees everything
 
 
-
 @pytest.mark.parametrize("prompt_len,block,L", [(5, 4, 17), (8, 4, 16), (3, 7, 24), (0, 2, 6), (1, 1, 5)])
 def test_block_end_is_where_the_block_causal_view_ends(prompt_len, block, L):
     # a block-causal row sees exactly the keys before its block's end (fewer only past the buffer's end)
