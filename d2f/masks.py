@@ -1,7 +1,7 @@
 """The one definition of the attention patterns used everywhere (docs/design.md §2).
 
 Every backend (dense SDPA masks, flex-attention block masks, the Triton kernel in
-`kernels/`) is derived from `block_index` / `allowed` below and tested against them.
+`d2f_kernels/`) is derived from `block_index` / `allowed` below and tested against them.
 
 Indices here are *buffer indices*: the column of a token in the (B, L) sequence
 buffer the decoder or trainer works on. Batches with prompts of different lengths are

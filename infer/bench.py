@@ -359,7 +359,7 @@ def run_mode(model, trace: dict, name: str, batch: int, n_samples: int, base_pro
     from infer.api import DecodeConfig, generate
     from infer.batch import cut_at_eos
     from infer.graphs import StaticForward, compiled
-    from kernels import set_backend
+    from d2f_kernels import set_backend
 
     rec = trace["modes"][name]
     cfg = DecodeConfig(**rec["config"])

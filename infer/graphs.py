@@ -54,7 +54,7 @@ class StaticForward(nn.Module):
         backend = getattr(model.attn_backend, "name", type(model.attn_backend).__name__)
         if backend != "sdpa":
             raise ValueError(f"StaticForward needs the sdpa attention backend, the model uses {backend!r}: "
-                             "kernels.set_backend(model, 'sdpa') first")
+                             "d2f_kernels.set_backend(model, 'sdpa') first")
         self.model, self.config = model, model.config
         device = next(model.parameters()).device
         self.graphs = device.type == "cuda" if graphs is None else graphs

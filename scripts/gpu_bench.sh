@@ -5,7 +5,7 @@
 #    replayed testbed schedules), batch 1 and 8, attention backends inside the D2F loop, the cached
 #    modes under CUDA graphs (infer.graphs; vanilla too, from 29 Nov 2026: about a minute more), and
 #    transformers' generate on the same weights;
-# 2. python -m kernels.bench_block_attention: the Triton kernel alone against SDPA and flex
+# 2. python -m d2f_kernels.bench_block_attention: the Triton kernel alone against SDPA and flex
 #    (KERNEL=0 skips it).
 # 3. COMPILE=1: the forward under torch.compile (infer.graphs.compiled), eager and inside the graphs, at
 #    LLaDA-8B shape, batch 1, beside the same rows without it (compiling is untimed but takes minutes).
@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 timeout "${BENCH_TIMEOUT:-390}" "$PY" -m infer.bench --output-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 echo "infer.bench exit ${PIPESTATUS[0]}"
 if [ "${KERNEL:-1}" = 1 ]; then
-    timeout "${KERNEL_TIMEOUT:-100}" "$PY" -m kernels.bench_block_attention --windows 32,64 --caches 512,2048 \
+    timeout "${KERNEL_TIMEOUT:-100}" "$PY" -m d2f_kernels.bench_block_attention --windows 32,64 --caches 512,2048 \
         --json "$OUT/kernel.json" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernel.log"
     echo "bench_block_attention exit ${PIPESTATUS[0]}"
 fi

@@ -6,8 +6,8 @@ import torch
 
 # The Triton kernel's tests run under the CPU interpreter when there is no GPU, and Triton reads
 # TRITON_INTERPRET when it is first imported. transformers and peft import it early, from test folders
-# that run before tests/kernels/, so the switch is set here, first; then the kernel tests run in this
-# process instead of re-running in a fresh one (tests/kernels/conftest.py).
+# that run before tests/d2f_kernels/, so the switch is set here, first; then the kernel tests run in this
+# process instead of re-running in a fresh one (tests/d2f_kernels/conftest.py).
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -15,7 +15,7 @@ Inside, the forward builds one `AttnContext` (RoPE tables, mask, cache, offsets,
 layer is called as `layer(x, ctx)`, like gpt-fast's `layer(x, input_pos, freqs_cis, mask)`.
 
 How attention is computed is the backend's business (`model.attn_backend`, SDPA by default);
-it is swapped from outside (`kernels.set_backend`), like LoRA and torch.compile.
+it is swapped from outside (`d2f_kernels.set_backend`), like LoRA and torch.compile.
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class SDPABackend:
     """Default attention: torch SDPA with a dense boolean mask built once per forward.
 
-    The backend interface (`kernels/backends.py`): `prepare(ctx)` once per forward, its result kept
+    The backend interface (`d2f_kernels/backends.py`): `prepare(ctx)` once per forward, its result kept
     as `ctx.prepared`; then `backend(q, k, v, ctx)` in every layer."""
 
     name = "sdpa"

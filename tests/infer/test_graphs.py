@@ -94,7 +94,7 @@ def test_cache_is_reused_and_cleared_between_calls():
 
 
 def test_static_forward_refuses_what_it_cannot_serve():
-    from kernels import set_backend
+    from d2f_kernels import set_backend
     model = random_model("tiny-llada", std=0.3)
     fast = StaticForward(model)
     with pytest.raises(ValueError, match="only with the cache it made"):

@@ -15,7 +15,7 @@ alone: `AttnContext(mask, q_offset, q_len, k_offset, kv_len, device, backend).at
 
 - sdpa: torch SDPA with a dense boolean mask (`d2f.models.common.SDPABackend`, the default).
 - flex: torch flex attention with `d2f.masks.flex_block_mask` (compiled on CUDA, eager elsewhere).
-- triton: the block-causal kernel of `kernels/block_attention.py`; on a CPU it runs under the
+- triton: the block-causal kernel of `d2f_kernels/block_attention.py`; on a CPU it runs under the
   Triton interpreter (TRITON_INTERPRET=1 set before triton is first imported), else it warns once
   and uses the PyTorch reference (slow, correct). It is forward-only, so whenever
   autograd needs gradients, and for inputs it does not cover (explicit tensor masks, padding that
@@ -28,7 +28,7 @@ pattern, which needs a backward pass. The Triton kernel here has none, so traini
 (one dense (B|1, 1, L, L) boolean mask shared by all layers; works on every device and torch
 version) or flex (compiled on CUDA, skips masked tiles in forward *and* backward). Training was not
 measured on a GPU, so the training default stays SDPA and flex is opt-in.
-`kernels/bench_block_attention.py` measures the forward of all three alone, and `python -m infer.bench`
+`d2f_kernels/bench_block_attention.py` measures the forward of all three alone, and `python -m infer.bench`
 inside the decode loop (docs/bench.md: on an H200, flex recompiled on every new window and batch size
 until dynamo's recompile limit, then ran unfused).
 """
@@ -42,7 +42,7 @@ from torch import Tensor
 from d2f.masks import Pattern, flex_block_mask
 from d2f.models.base import AttnContext, DiffusionLM
 from d2f.models.common import SDPABackend, reference_attention, sdpa
-from kernels.block_attention import (KERNEL_DTYPES, block_causal_attention, block_causal_attention_reference,
+from d2f_kernels.block_attention import (KERNEL_DTYPES, block_causal_attention, block_causal_attention_reference,
                                      kernel_available, key_start_from_valid, per_sample)
 
 

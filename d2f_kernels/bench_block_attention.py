@@ -1,7 +1,7 @@
 """GPU benchmark: the Triton block-causal kernel vs SDPA with a dense mask vs flex attention.
 
-    python -m kernels.bench_block_attention                       # LLaDA-8B and Dream-7B head shapes
-    python -m kernels.bench_block_attention --models llada --windows 32,64 --caches 1024 --json out.json
+    python -m d2f_kernels.bench_block_attention                       # LLaDA-8B and Dream-7B head shapes
+    python -m d2f_kernels.bench_block_attention --models llada --windows 32,64 --caches 1024 --json out.json
 
 The workload is one D2F decoding step of one layer: a window of W query rows (in-flight blocks)
 at buffer indices [C, C + W) attending to C cached rows plus the window, block-causally. The
@@ -74,7 +74,7 @@ def decode_step(cache_len: int, window: int, block_size: int) -> tuple[int, int]
 def bench_shape(heads: int, kv_heads: int, head_dim: int, window: int, cache_len: int, args, flex_fn,
                 device="cuda", timer=cuda_time_ms) -> dict:
     """One row of the table. `device` / `timer` are swapped only by the CPU smoke test."""
-    from kernels.block_attention import block_causal_attention
+    from d2f_kernels.block_attention import block_causal_attention
 
     B, dtype = args.batch, DTYPES[args.dtype]
     S = cache_len + window
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         print("bench_block_attention needs a CUDA GPU (torch.cuda.is_available() is False); "
-              "on a CPU, check correctness with `pytest tests/kernels` instead.", file=sys.stderr)
+              "on a CPU, check correctness with `pytest tests/d2f_kernels` instead.", file=sys.stderr)
         return 2
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]

@@ -3,7 +3,7 @@ backend inside tiny models: whole-sequence forwards and cached block-by-block fo
 same logits as SDPA (decoding: test_decoding.py).
 
 The triton backend runs on a GPU when there is one, else under the Triton CPU interpreter (see
-tests/kernels/conftest.py; this file re-runs itself in a fresh process when triton was imported
+tests/d2f_kernels/conftest.py; this file re-runs itself in a fresh process when triton was imported
 before the interpreter could be switched on).
 """
 import warnings
@@ -21,8 +21,8 @@ from d2f.cache import KVCache  # noqa: E402
 from d2f.models import load_model  # noqa: E402
 from d2f.models.base import AttnContext  # noqa: E402
 from d2f.models.common import SDPABackend, reference_attention  # noqa: E402
-from kernels import block_attention  # noqa: E402
-from kernels.backends import (FlexBackend, ReferenceBackend, TritonBackend, get_backend,  # noqa: E402
+from d2f_kernels import block_attention  # noqa: E402
+from d2f_kernels.backends import (FlexBackend, ReferenceBackend, TritonBackend, get_backend,  # noqa: E402
                               set_backend)
 from kernel_helpers import DEVICE, HERE, fresh_process_fallback, needs_kernel  # noqa: E402
 

@@ -20,11 +20,11 @@ SCRIPT = r"""
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.block_attention import KIND_IDS, _block_causal_attn_fwd as fn
+from d2f_kernels.block_attention import KIND_IDS, _block_causal_attn_fwd as fn
 
 def compile_one(dtype, kind, q_len, head_dim, group, arch):
     names = fn.arg_names
-    block_m = 16 if q_len <= 16 else 32 if q_len <= 64 else 64  # as kernels.block_attention._tiles
+    block_m = 16 if q_len <= 16 else 32 if q_len <= 64 else 64  # as d2f_kernels.block_attention._tiles
     block_n = 32 if dtype == "fp32" else 64
     const = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_M": block_m,
              "BLOCK_N": block_n, "KIND": KIND_IDS[kind], "GROUP": group, "UPCAST": dtype == "fp32",

@@ -1,5 +1,5 @@
 """The Triton block-causal kernel against the PyTorch reference: on a GPU when there is one, else
-under the Triton CPU interpreter (tests/kernels/conftest.py switches it on before triton is
+under the Triton CPU interpreter (tests/d2f_kernels/conftest.py switches it on before triton is
 imported; if triton was imported earlier in this pytest process, this file re-runs itself in a
 fresh process through `test_whole_file_in_fresh_process`).
 """
@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 
 from d2f import masks  # noqa: E402
 from d2f.models.common import reference_attention  # noqa: E402
-from kernels import block_attention  # noqa: E402
-from kernels.block_attention import (block_causal_attention, block_causal_attention_reference,  # noqa: E402
+from d2f_kernels import block_attention  # noqa: E402
+from d2f_kernels.block_attention import (block_causal_attention, block_causal_attention_reference,  # noqa: E402
                                      key_start_from_valid)
 from kernel_helpers import DEVICE, fresh_process_fallback, needs_kernel  # noqa: E402
 

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels.backends import set_backend  # noqa: E402
+from d2f_kernels.backends import set_backend  # noqa: E402
 from kernel_helpers import DEVICE, fresh_process_fallback, needs_kernel  # noqa: E402
 
 test_whole_file_in_fresh_process = fresh_process_fallback(__file__)

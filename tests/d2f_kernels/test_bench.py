@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 # on a CPU flex attention runs eagerly, on purpose (compiling it takes longer than the tests)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-from kernels import bench_block_attention as bench  # noqa: E402
-from kernels.block_attention import kernel_available  # noqa: E402
+from d2f_kernels import bench_block_attention as bench  # noqa: E402
+from d2f_kernels.block_attention import kernel_available  # noqa: E402
 from kernel_helpers import fresh_process_fallback, needs_kernel  # noqa: E402
 
 HERE = kernel_available("cpu")

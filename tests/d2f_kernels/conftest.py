@@ -63,7 +63,7 @@ def peaked():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The `kind` of every kernel call the triton backend makes (proves it did not fall back)."""
-    from kernels import backends, block_attention
+    from d2f_kernels import backends, block_attention
 
     calls = []
 

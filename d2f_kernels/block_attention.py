@@ -26,7 +26,7 @@ none is NaN.
 Inputs may be fp16, bf16 or fp32; scores, softmax statistics and the output accumulator are
 fp32 (online softmax, as in FlashAttention). The kernel is forward-only: training needs
 gradients, so the training-time block-causal pattern runs on SDPA (dense mask) or compiled
-flex attention, which have backward passes (see `kernels/backends.py`).
+flex attention, which have backward passes (see `d2f_kernels/backends.py`).
 
     out = block_causal_attention(q, k, v, kind="block_causal", prompt_len=P, block_size=32,
                                  key_start=None, q_offset=cache_len)

@@ -4,7 +4,7 @@ a process that imported triton before the interpreter was switched on cannot run
 import pytest
 import torch
 
-from kernels.block_attention import kernel_available
+from d2f_kernels.block_attention import kernel_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = kernel_available(DEVICE)  # False on a CPU when triton was imported before TRITON_INTERPRET was set
