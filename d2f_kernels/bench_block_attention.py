@@ -1,6 +1,6 @@
 """GPU benchmark: the Triton block-causal kernel vs SDPA with a dense mask vs flex attention.
 
-    python -m d2f_kernels.bench_block_attention                       # LLaDA-8B and Dream-7B head shapes
+    python -m d2f_kernels.bench_block_attention                   # LLaDA-8B and Dream-7B head shapes
     python -m d2f_kernels.bench_block_attention --models llada --windows 32,64 --caches 1024 --json out.json
 
 The workload is one D2F decoding step of one layer: a window of W query rows (in-flight blocks)
