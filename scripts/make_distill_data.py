@@ -8,6 +8,10 @@ batched) and writes one JSON object per line:
     {"question": <prompt text>, "answer": <teacher's answer text>, "num_tokens": N, "finished": bool,
      "reference": <the source's own answer, if any>, "final": <gold number, testbed only>}
 
+Lines go to <out>.tmp as they are decoded (moved to <out> at the end); run the same command again after an
+interruption and it keeps the answers already there and decodes only the rest (with other decoding settings
+it starts over).
+
 Examples:
     # the testbed: its own train problems (d2f.data.gsm), answered by the testbed teacher
     python scripts/make_distill_data.py --model testbed/teacher --tokenizer testbed/tokenizer \\
@@ -95,10 +99,25 @@ def main(argv=None) -> None:
     from d2f.data.extract import is_correct
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    t0, done, unfinished, correct = time.time(), 0, 0, 0
+    settings = tmp.with_name(tmp.name + ".json")  # what wrote tmp: a run with other settings starts over
+    mine = settings_of(args)
+    same = settings.is_file() and json.loads(settings.read_text()) == mine
+    kept = resume_lines(tmp, problems) if same else []
+    if kept:
+        print(f"resuming: {len(kept)} answers already in {tmp}", flush=True)
+    elif tmp.is_file():
+        print(f"{tmp} was written with other settings or holds no complete answer: starting over", flush=True)
+    settings.write_text(json.dumps(mine))
+    done = len(kept)
+    unfinished = sum(not json.loads(line)["finished"] for line in kept)
+    correct = sum(is_correct(json.loads(line)["answer"], p["final"]) for line, p in zip(kept, problems) if "final" in p)
+    t0 = time.time()
     chunk = args.batch_size * 4  # write (and report) progress every few batches
-    with open(tmp, "w") as f:
-        for s in range(0, len(problems), chunk):
+    if kept:  # drop what follows the kept lines (a line cut off), atomically: the kept ones are never at risk
+        tmp.with_name(tmp.name + "2").write_text("".join(kept))
+        os.replace(tmp.with_name(tmp.name + "2"), tmp)
+    with open(tmp, "a" if kept else "w") as f:
+        for s in range(done, len(problems), chunk):
             part = problems[s:s + chunk]
             prompts = [format_prompt(tok, p["question"], chat=not args.no_chat) for p in part]
             results = generate(model, tok, prompts, cfg, batch_size=args.batch_size)
@@ -109,12 +128,37 @@ def main(argv=None) -> None:
                     correct += is_correct(r.text, p["final"])
                 f.write(json.dumps({"question": p["question"], "answer": r.text.strip(), "num_tokens": r.num_tokens,
                                     "finished": finished, **{k: p[k] for k in ("reference", "final") if k in p}}) + "\n")
+            f.flush()  # an interrupted run resumes from the answers on disk
             done += len(part)
-            rate = done / (time.time() - t0)
+            rate = (done - len(kept)) / (time.time() - t0)
             print(f"{done}/{len(problems)} prompts, {rate:.2f}/s, eta {(len(problems) - done) / rate:.0f}s", flush=True)
     os.replace(tmp, out)
+    settings.unlink()
     acc = f", teacher accuracy {correct / done:.1%}" if "final" in problems[0] else ""
     print(f"wrote {done} answers to {out} ({unfinished} hit max_new_tokens without EOS{acc})")
+
+
+def settings_of(args) -> dict:
+    """What decides the answers (not --device or --batch-size: decoding is batch-independent)."""
+    return {k: getattr(args, k) for k in ("model", "tokenizer", "source", "split", "prompt_field", "seed", "mode",
+                                          "max_new_tokens", "block_size", "no_chat", "dtype")}
+
+
+def resume_lines(tmp: Path, problems: list[dict]) -> list[str]:
+    """The complete lines an interrupted run left in `tmp`, while they answer `problems` in order (decoding is
+    deterministic and batch-independent, so the rest can be decoded as if nothing had stopped); [] if none."""
+    if not tmp.is_file():
+        return []
+    kept = []
+    for line, p in zip(tmp.read_text().splitlines(keepends=True), problems):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line being written when the run stopped
+        if not line.endswith("\n") or record.get("question") != p["question"]:
+            break  # not this run's problems (other --n/--seed/--source): start over from there
+        kept.append(line)
+    return kept
 
 
 def _ends_with_eos(result, model) -> bool:

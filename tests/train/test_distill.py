@@ -364,6 +364,40 @@ def test_make_distill_data_writes_teacher_answers(work, tmp_path):
                                 "--out", str(tmp_path / "x.jsonl")])
 
 
+def test_make_distill_data_resumes_an_interrupted_run(work, tmp_path, capsys):
+    """A run stopped mid-way leaves <out>.tmp; the next run keeps its complete lines (not the one cut off,
+    not another run's problems) and decodes only the rest, to the same file a single run writes."""
+    pytest.importorskip("infer.api")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_distill_data
+    _tiny_tokenizer(tmp_path / "tok")
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"question": f"what is {a} plus 2"}) + "\n" for a in range(5)))
+    args = ["--model", str(work / "teacher"), "--tokenizer", str(tmp_path / "tok"), "--source", str(src),
+            "--max-new-tokens", "8", "--block-size", "8", "--batch-size", "1"]
+    full = tmp_path / "full.jsonl"
+    make_distill_data.main(args + ["--out", str(full)])
+    lines = full.read_text().splitlines(keepends=True)
+    out = tmp_path / "resumed.jsonl"
+    tmp = tmp_path / "resumed.jsonl.tmp"
+    fake = json.dumps({"question": "what is 9 plus 2", "answer": "MARK", "num_tokens": 1, "finished": True}) + "\n"
+    tmp.write_text(lines[0] + fake + lines[2][:10])  # line 2 is not this problem's: everything from it is redone
+    assert make_distill_data.resume_lines(tmp, make_distill_data.load_prompts(
+        make_distill_data.parse_args(args + ["--out", str(out)]))) == [lines[0]]
+    tmp.write_text(lines[0] + lines[1] + lines[2][:10])  # cut off while writing line 3
+    settings = tmp_path / "resumed.jsonl.tmp.json"
+    settings.write_text(json.dumps({"model": "another"}))  # written by a run with other settings
+    capsys.readouterr()
+    make_distill_data.main(args + ["--out", str(out), "--max-new-tokens", "4", "--block-size", "4"])
+    assert "starting over" in capsys.readouterr().out
+    assert all(json.loads(x)["num_tokens"] <= 4 for x in out.read_text().splitlines())
+    tmp.write_text(lines[0] + lines[1] + lines[2][:10])
+    settings.write_text(json.dumps(make_distill_data.settings_of(make_distill_data.parse_args(args + ["--out", "x"]))))
+    make_distill_data.main(args + ["--out", str(out)])
+    assert "resuming: 2 answers" in capsys.readouterr().out
+    assert out.read_text() == full.read_text() and not tmp.exists() and not settings.exists()
+
+
 def test_ddp_two_processes_step_the_lr_schedule_once_per_optimizer_step(work, tmp_path):
     """Under plain DDP the schedule advances once per optimizer step, not once per process (accelerate's
     scheduler wrapper would step a cosine schedule twice per step with 2 processes, reaching its floor
