@@ -109,13 +109,14 @@ def main(argv=None) -> None:
         print(f"{tmp} was written with other settings or holds no complete answer: starting over", flush=True)
     settings.write_text(json.dumps(mine))
     done = len(kept)
-    unfinished = sum(not json.loads(line)["finished"] for line in kept)
-    correct = sum(is_correct(json.loads(line)["answer"], p["final"]) for line, p in zip(kept, problems) if "final" in p)
+    unfinished = sum(not record["finished"] for _, record in kept)
+    correct = sum(is_correct(record["answer"], p["final"]) for (_, record), p in zip(kept, problems) if "final" in p)
     t0 = time.time()
     chunk = args.batch_size * 4  # write (and report) progress every few batches
     if kept:  # drop what follows the kept lines (a line cut off), atomically: the kept ones are never at risk
-        tmp.with_name(tmp.name + "2").write_text("".join(kept))
-        os.replace(tmp.with_name(tmp.name + "2"), tmp)
+        rewrite = tmp.with_name(tmp.name + "2")
+        rewrite.write_text("".join(line for line, _ in kept))
+        os.replace(rewrite, tmp)
     with open(tmp, "a" if kept else "w") as f:
         for s in range(done, len(problems), chunk):
             part = problems[s:s + chunk]
@@ -144,9 +145,10 @@ def settings_of(args) -> dict:
                                           "max_new_tokens", "block_size", "no_chat", "dtype")}
 
 
-def resume_lines(tmp: Path, problems: list[dict]) -> list[str]:
-    """The complete lines an interrupted run left in `tmp`, while they answer `problems` in order (decoding is
-    deterministic and batch-independent, so the rest can be decoded as if nothing had stopped); [] if none."""
+def resume_lines(tmp: Path, problems: list[dict]) -> list[tuple[str, dict]]:
+    """(line, record) for the complete lines an interrupted run left in `tmp`, while they answer `problems` in
+    order (decoding is deterministic and batch-independent, so the rest can be decoded as if nothing had
+    stopped); [] if none."""
     if not tmp.is_file():
         return []
     kept = []
@@ -157,7 +159,7 @@ def resume_lines(tmp: Path, problems: list[dict]) -> list[str]:
             break  # the line being written when the run stopped
         if not line.endswith("\n") or record.get("question") != p["question"]:
             break  # not this run's problems (other --n/--seed/--source): start over from there
-        kept.append(line)
+        kept.append((line, record))
     return kept
 
 

@@ -383,7 +383,7 @@ def test_make_distill_data_resumes_an_interrupted_run(work, tmp_path, capsys):
     fake = json.dumps({"question": "what is 9 plus 2", "answer": "MARK", "num_tokens": 1, "finished": True}) + "\n"
     tmp.write_text(lines[0] + fake + lines[2][:10])  # line 2 is not this problem's: everything from it is redone
     assert make_distill_data.resume_lines(tmp, make_distill_data.load_prompts(
-        make_distill_data.parse_args(args + ["--out", str(out)]))) == [lines[0]]
+        make_distill_data.parse_args(args + ["--out", str(out)]))) == [(lines[0], json.loads(lines[0]))]
     tmp.write_text(lines[0] + lines[1] + lines[2][:10])  # cut off while writing line 3
     settings = tmp_path / "resumed.jsonl.tmp.json"
     settings.write_text(json.dumps({"model": "another"}))  # written by a run with other settings
