@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from d2f.errors import UserError
+from infer.decode_config import TESTBED
 from infer.eval import synchronize
 
 TRACES = Path(__file__).with_name("bench_traces.json")
@@ -46,15 +47,15 @@ TRACES = Path(__file__).with_name("bench_traces.json")
 # (configs/compare_testbed.yaml), and replay must use the same ones so the decoder's commit rule
 # picks exactly the recorded positions.
 MODES = {
-    "vanilla": dict(mode="vanilla", max_new_tokens=128, block_size=32, steps=128),
+    "vanilla": dict(TESTBED["vanilla"]),
     "fast-dllm-prefix": dict(mode="fast-dllm", max_new_tokens=128, block_size=32, cache="prefix",
                              rule="threshold", threshold=0.9),
     "fast-dllm-dual": dict(mode="fast-dllm", max_new_tokens=128, block_size=32, cache="dual",
                            rule="threshold", threshold=0.9),
     "fast-dllm-dual-0.99": dict(mode="fast-dllm", max_new_tokens=128, block_size=32, cache="dual",
                                 rule="threshold", threshold=0.99),
-    "d2f": dict(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.99),
-    "ar": dict(mode="ar", max_new_tokens=128),
+    "d2f": dict(TESTBED["d2f"]),
+    "ar": dict(TESTBED["ar"]),
 }
 SHAPES = ("llada-8b", "dream-7b", "tiny-llada", "tiny-dream")
 BACKENDS = ("sdpa", "triton", "flex")

@@ -88,6 +88,16 @@ class DecodeConfig:
         return self
 
 
+# The embedded testbed's decoding settings (the README's tables, the cards, configs/compare_testbed.yaml): 128
+# answer slots; the teacher's vanilla decoding one token per step in blocks of 32, as LLaDA decodes GSM8K; the
+# D2F student in blocks of 16 at tau_conf 0.99 (the testbed's models are far surer than an 8B model).
+TESTBED = {
+    "vanilla": dict(mode="vanilla", max_new_tokens=128, block_size=32, steps=128),
+    "d2f": dict(mode="d2f", max_new_tokens=128, block_size=16, tau_add=0.7, tau_act=0.95, tau_conf=0.99),
+    "ar": dict(mode="ar", max_new_tokens=128),
+}
+
+
 # the settings each mode reads; a setting given for a mode that ignores it is an error, not a silent no-op
 COMMON_FIELDS = {"mode", "max_new_tokens", "temperature", "seed"}
 MODE_FIELDS = {

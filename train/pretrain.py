@@ -24,6 +24,9 @@ format as train/distill.py's) hold the model in the final layout (config.json + 
 checkpoint is itself a loadable model directory), the optimizer, the scheduler, every process's RNG states
 (its mask generator included) and the data position. Resuming (`resume=auto`, the default) restores all of
 it from the newest one, so the resumed run continues with the same losses.
+
+Held-out eval (`eval_every` > 0, `make_eval`): every N steps and at the end the model decodes held-out problems
+as `python -m infer.eval` does; a dLLM also with D2F's block-causal attention, whose shortfall is `eval/gap`.
 """
 from __future__ import annotations
 
@@ -106,6 +109,9 @@ class PretrainConfig:
     save_dtype: str = "float32"  # dtype of the final model.safetensors
     time_limit_minutes: float = 0.0  # > 0: stop (with a checkpoint and a final save) after this long
     init_from: str = ""  # start from these weights (a model dir or a checkpoint-<step> dir) instead of random init
+    eval_every: int = 0  # > 0: decode held-out problems every N steps and at the end (make_eval); 0 = off
+    eval_problems: int = 100  # the first N problems of the testbed's held-out "test" split
+    eval_batch_size: int = 50
 
     @property
     def n_decode_states(self) -> int:
@@ -141,6 +147,12 @@ class PretrainConfig:
         if self.keep_checkpoints < 0 or self.time_limit_minutes < 0 or self.num_threads < 0:
             raise ConfigError("keep_checkpoints, time_limit_minutes and num_threads must be >= 0, got "
                               f"{self.keep_checkpoints}, {self.time_limit_minutes}, {self.num_threads}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"eval_every must be an integer >= 0 (0 = no held-out eval), got {self.eval_every!r}")
+        for name in ("eval_problems", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision {self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
         if not 0 < self.mask_eps < 1:
@@ -243,6 +255,49 @@ def build_decode_states(cfg: PretrainConfig, data, tokenizer):
             raise ConfigError(f"problem {i} of {cfg.decode_orders!r} does not match this recipe's data "
                              f"(another tokenizer, or an answer longer than one of the two paddings?)")
     return DecodeStates(d, [ids[:plen] for ids, plen in data[:n]], tokenizer.mask_token_id, tokenizer.pad_token_id)
+
+
+# ---- held-out evaluation -------------------------------------------------------------------------
+
+def make_eval(cfg: PretrainConfig, tokenizer):
+    """A function (model, step) -> metrics, or None when eval_every is 0.
+
+    It decodes the first eval_problems held-out problems with the testbed's settings, as `python -m infer.eval
+    --limit N` does, and writes infer.eval's predictions and summary to <output_dir>/eval/step-<N>/<mode>/.
+    The AR baseline decodes with mode ar. A dLLM decodes with its own vanilla decoding, and its weights again
+    with D2F's block-causal attention and no adapter: eval/gap, the points lost without the later blocks, is
+    what D2F distillation will have to win back, so it is worth watching while the teacher trains.
+    """
+    if cfg.eval_every == 0:
+        return None
+    from infer.decode_config import TESTBED, DecodeConfig
+    from infer.eval import evaluate, load_problems, make_prompts
+
+    problems = load_problems("testbed", "test", cfg.eval_problems)
+    prompts = make_prompts(tokenizer, problems, shots=0, source="testbed")
+    modes = ("ar",) if cfg.objective == "causal" else ("vanilla", "d2f")
+
+    def run(model, step: int) -> dict:
+        model.eval()
+        out, shown = {}, []
+        for mode in modes:
+            with torch.no_grad():
+                s = evaluate(model, tokenizer, problems, prompts, DecodeConfig(**TESTBED[mode]),
+                             Path(cfg.output_dir) / "eval" / f"step-{step}" / mode, batch_size=cfg.eval_batch_size,
+                             meta={"step": step}, overwrite=True, progress=False)
+            out[f"eval/{mode}_accuracy"] = s["accuracy"]
+            out[f"eval/{mode}_answer_tokens"] = s["answer_tokens_mean"]
+            out[f"eval/{mode}_tokens_per_forward"] = s["tokens_per_forward"]
+            shown.append(f"{mode} {s['accuracy']:.1%} ({s['correct']}/{s['n']}, answers of {s['answer_tokens_mean']:.1f} "
+                         "tokens)")
+        if "d2f" in modes:
+            out["eval/gap"] = out["eval/vanilla_accuracy"] - out["eval/d2f_accuracy"]
+            shown.append(f"block-causal gap {100 * out['eval/gap']:.1f} points")
+        model.train()
+        print(f"[pretrain] step {step} held-out eval: {'; '.join(shown)}")
+        return out
+
+    return run
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -369,6 +424,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     accelerator.print(f"{cfg.objective}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(data)} problems, {world} process(es) x batch {cfg.batch_size}")
     log = RunLog(accelerator, out, cfg.max_steps, step, cfg.objective, cfg.log_every)
+    evaluate = make_eval(cfg, tokenizer) if accelerator.is_main_process else None
     # data samples per step: the decoding-state share of the batch is drawn from `states` instead
     n_order = cfg.n_decode_states
     global_batch = (cfg.batch_size - n_order) * world
@@ -401,6 +457,10 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
         out_of_time = time_up(t_start, cfg.time_limit_minutes)
         if checkpoint_due(step, cfg.max_steps, cfg.save_every, out_of_time):
             checkpoint()
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            if evaluate is not None:  # the main process; the others wait for it at the barrier
+                log.write(step, evaluate(raw, step), tensorboard=True)
+            accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step, losses[-1])
         if out_of_time:

@@ -526,3 +526,37 @@ def test_resume_refuses_another_objective_applies_a_changed_lr_and_logs_each_ste
     for r in rows:
         base = 3e-3 if r["step"] <= 4 else 1e-3
         assert r["train/lr"] == pytest.approx(base * lr_factor(r["step"] - 1, 2, 10, "cosine", 0.1)), r["step"]
+
+
+@pytest.mark.parametrize("objective", ["llada_sft", "causal"])
+def test_held_out_eval_logs_what_infer_eval_measures_on_the_saved_model(tok_dir, tmp_path, objective):
+    """eval_every: the logged figures are infer.eval's on the same weights (a dLLM: vanilla, D2F without adapter
+    and their gap; the AR baseline: mode ar), at every eval_every steps and at the end."""
+    import json
+    from infer.eval import main as eval_main
+    out = tmp_path / "run"
+    train(tiny_cfg(tok_dir, out, objective, max_steps=5, eval_every=4, eval_problems=3, eval_batch_size=2))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
+    assert sorted(evals) == [4, 5]  # every 4 steps, and the last
+    modes = ["ar"] if objective == "causal" else ["vanilla", "d2f"]
+    settings = {"ar": ["--mode", "ar"], "vanilla": ["--mode", "vanilla", "--block-size", "32", "--steps", "128"],
+                "d2f": ["--mode", "d2f", "--block-size", "16", "--tau-add", "0.7", "--tau-act", "0.95",
+                        "--tau-conf", "0.99"]}
+    for mode in modes:  # step 5 is the saved model: infer.eval on it gives the same answers and figures
+        s = eval_main(["--model", str(out), "--limit", "3", "--max-new-tokens", "128", "--threads", "1",
+                       "--output-dir", str(tmp_path / mode), "--no-progress", *settings[mode]])
+        ours = json.loads((out / "eval" / "step-5" / mode / "summary.json").read_text())
+        assert evals[5][f"eval/{mode}_accuracy"] == ours["accuracy"] == s["accuracy"]
+        assert evals[5][f"eval/{mode}_answer_tokens"] == s["answer_tokens_mean"] > 0
+        theirs = [json.loads(x) for x in (tmp_path / mode / "predictions.jsonl").read_text().splitlines()]
+        mine = [json.loads(x) for x in (out / "eval" / "step-5" / mode / "predictions.jsonl").read_text().splitlines()]
+        assert [r["output"] for r in mine] == [r["output"] for r in theirs] and len(mine) == 3
+        assert (out / "eval" / "step-4" / mode / "summary.json").is_file()
+    if objective == "llada_sft":
+        assert evals[5]["eval/gap"] == pytest.approx(evals[5]["eval/vanilla_accuracy"] - evals[5]["eval/d2f_accuracy"])
+    else:
+        assert "eval/gap" not in evals[5]
+    for bad, match in (("eval_every=-1", "eval_every must be"), ("eval_problems=0", "eval_problems must be")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_cfg(tok_dir, out, objective, **dict([bad.split("=")])).validate()
