@@ -535,7 +535,10 @@ def test_held_out_eval_logs_what_infer_eval_measures_on_the_saved_model(tok_dir,
     import json
     from infer.eval import main as eval_main
     out = tmp_path / "run"
-    train(tiny_cfg(tok_dir, out, objective, max_steps=5, eval_every=4, eval_problems=3, eval_batch_size=2))
+    losses = train(tiny_cfg(tok_dir, out, objective, max_steps=5, eval_every=4, eval_problems=3,
+                            eval_batch_size=2))["losses"]
+    # the eval leaves training alone: the same losses as a run without it
+    assert losses == train(tiny_cfg(tok_dir, tmp_path / "no_eval", objective, max_steps=5))["losses"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
     assert sorted(evals) == [4, 5]  # every 4 steps, and the last
