@@ -691,7 +691,7 @@ def main(argv=None) -> dict:
         log.write(step, logs)
         log.show(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
         if evaluate is not None and step % cfg.eval.every == 0:
-            log.write(step, evaluate(peft_model, step), tensorboard=True)
+            log.evaluate(step, evaluate, peft_model, step)
         if checkpoint_due(step, cfg.max_steps, cfg.save_every):
             save(step)
     log.close()

@@ -155,6 +155,15 @@ class RunLog:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
 
+    def evaluate(self, step: int, evaluate, *args) -> None:
+        """Run `evaluate(*args)` -> scalars and log them, always to TensorBoard, with its wall time as
+        eval/seconds. That time is left out of the token throughput, which measures training alone."""
+        t0 = time.time()
+        scalars = evaluate(*args)
+        seconds = time.time() - t0
+        self.t += seconds
+        self.write(step, {**scalars, "eval/seconds": seconds}, tensorboard=True)
+
     def show(self, **postfix) -> None:
         """Values beside the progress bar, e.g. loss="1.234"."""
         self.bar.set_postfix(**postfix)

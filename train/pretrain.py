@@ -459,7 +459,7 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
             checkpoint()
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             if evaluate is not None:  # the main process; the others wait for it at the barrier
-                log.write(step, evaluate(raw, step), tensorboard=True)
+                log.evaluate(step, evaluate, raw, step)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step, losses[-1])

@@ -542,6 +542,7 @@ def test_held_out_eval_logs_what_infer_eval_measures_on_the_saved_model(tok_dir,
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
     assert sorted(evals) == [4, 5]  # every 4 steps, and the last
+    assert evals[5]["eval/seconds"] > 0
     modes = ["ar"] if objective == "causal" else ["vanilla", "d2f"]
     settings = {"ar": ["--mode", "ar"], "vanilla": ["--mode", "vanilla", "--block-size", "32", "--steps", "128"],
                 "d2f": ["--mode", "d2f", "--block-size", "16", "--tau-add", "0.7", "--tau-act", "0.95",
