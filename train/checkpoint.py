@@ -101,12 +101,14 @@ def resume_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
     return Path(resume)
 
 
-def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints (keep_last <= 0 keeps everything)."""
+def prune_checkpoints(output_dir: str | Path, keep_last: int, keep_steps=()) -> None:
+    """Delete all but the newest `keep_last` checkpoints (keep_last <= 0 keeps everything) and those of
+    `keep_steps` (milestones a later run starts from, e.g. a teacher initialised from an early AR checkpoint)."""
     if keep_last <= 0:
         return
-    for _, p in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+    for step, p in list_checkpoints(output_dir)[:-keep_last]:
+        if step not in keep_steps:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -119,7 +121,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
 # ---- save / load ----------------------------------------------------------------------------
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_model: Callable[[Path], None],
-                    optimizer, scheduler, trainer_state: dict, config=None, keep_last: int = 0,
+                    optimizer, scheduler, trainer_state: dict, config=None, keep_last: int = 0, keep_steps=(),
                     generators: dict[str, torch.Generator] | None = None) -> Path:
     """Write `<output_dir>/checkpoint-<step>` atomically; call on every rank (it synchronises).
 
@@ -157,7 +159,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, save_mode
         if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune_checkpoints(output_dir, keep_last)
+        prune_checkpoints(output_dir, keep_last, keep_steps)
     accelerator.wait_for_everyone()
     return final
 

@@ -105,6 +105,7 @@ class PretrainConfig:
     log_every: int = 10  # TensorBoard every N steps (metrics.jsonl gets every step)
     save_every: int = 200
     keep_checkpoints: int = 2
+    keep_steps: list[int] = field(default_factory=list)  # checkpoints kept whatever keep_checkpoints says
     resume: str = "auto"  # auto | none | path to a checkpoint-<step> directory
     save_dtype: str = "float32"  # dtype of the final model.safetensors
     time_limit_minutes: float = 0.0  # > 0: stop (with a checkpoint and a final save) after this long
@@ -147,6 +148,10 @@ class PretrainConfig:
         if self.keep_checkpoints < 0 or self.time_limit_minutes < 0 or self.num_threads < 0:
             raise ConfigError("keep_checkpoints, time_limit_minutes and num_threads must be >= 0, got "
                               f"{self.keep_checkpoints}, {self.time_limit_minutes}, {self.num_threads}")
+        bad = [k for k in self.keep_steps if not 1 <= k <= self.max_steps or k % self.save_every]
+        if bad:
+            raise ConfigError(f"keep_steps {bad} name steps without a checkpoint: each must be a multiple of "
+                              f"save_every={self.save_every} in [1, max_steps={self.max_steps}]")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"eval_every must be an integer >= 0 (0 = no held-out eval), got {self.eval_every!r}")
         for name in ("eval_problems", "eval_batch_size"):
@@ -432,7 +437,8 @@ def train(cfg: PretrainConfig, on_step=None) -> dict:
     def checkpoint():  # every rank: each saves its own RNG and mask-generator states
         save_checkpoint(accelerator, out, step, save_model=lambda d: save_pretrained(raw, d, dtype=torch.float32),
                         optimizer=optimizer, scheduler=scheduler, trainer_state={"position": position},
-                        config=cfg, keep_last=cfg.keep_checkpoints, generators=generators)
+                        config=cfg, keep_last=cfg.keep_checkpoints, keep_steps=cfg.keep_steps,
+                        generators=generators)
 
     losses, t_start = [], time.time()
     model.train()

@@ -564,3 +564,16 @@ def test_held_out_eval_logs_what_infer_eval_measures_on_the_saved_model(tok_dir,
     for bad, match in (("eval_every=-1", "eval_every must be"), ("eval_problems=0", "eval_problems must be")):
         with pytest.raises(ConfigError, match=match):
             tiny_cfg(tok_dir, out, objective, **dict([bad.split("=")])).validate()
+
+
+def test_keep_steps_keeps_those_checkpoints_past_keep_checkpoints(tok_dir, tmp_path):
+    """A milestone (e.g. the early AR weights a teacher starts from) survives pruning; resume still takes the newest."""
+    from train.checkpoint import latest_checkpoint
+    out = tmp_path / "run"
+    train(tiny_cfg(tok_dir, out, "causal", max_steps=8, save_every=2, keep_checkpoints=1, keep_steps="[4]"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert latest_checkpoint(out).name == "checkpoint-8"
+    res = train(tiny_cfg(tok_dir, tmp_path / "dllm", "llada_sft", max_steps=2, init_from=out / "checkpoint-4"))
+    assert res["step"] == 2
+    with pytest.raises(ConfigError, match=r"keep_steps \[3\] name steps without a checkpoint"):
+        tiny_cfg(tok_dir, out, "causal", max_steps=8, save_every=2, keep_steps="[4,3]").validate()
