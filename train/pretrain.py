@@ -120,7 +120,8 @@ class PretrainConfig:
         return round(self.batch_size * self.decode_order_frac)
 
     def validate(self):
-        for name in ("batch_size", "max_steps", "save_every", "log_every"):  # first: the shares below divide them
+        for name in ("batch_size", "max_steps", "save_every", "log_every", "eval_problems", "eval_batch_size"):
+            # first: the shares and keep_steps below divide by some of them
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
@@ -154,10 +155,6 @@ class PretrainConfig:
                               f"save_every={self.save_every} in [1, max_steps={self.max_steps}]")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"eval_every must be an integer >= 0 (0 = no held-out eval), got {self.eval_every!r}")
-        for name in ("eval_problems", "eval_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision {self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
         if not 0 < self.mask_eps < 1:
