@@ -30,3 +30,14 @@ def test_result_accuracy_rows_on_twenty_problems(capsys):
                    "teacher, full attention, cut one block later": 49, "student, block-causal": 47,
                    "teacher's weights, block-causal (no adapter)": 37}
     assert "| student, block-causal | 87.0% (47/54) |" in capsys.readouterr().out
+
+
+def test_a_model_given_without_an_adapter_has_no_student_row(capsys):
+    """A teacher not yet distilled: its rows alone (before, the "student" row silently decoded the teacher's
+    weights without an adapter, the last row again)."""
+    out = result_accuracy.main(["--limit", "20", "--model", str(REPO / "testbed" / "teacher")])
+    assert out == {"results": 54, "teacher, full attention": 49,
+                   "teacher, full attention, cut at the end of the result's block": 41,
+                   "teacher, full attention, cut one block later": 49,
+                   "teacher's weights, block-causal (no adapter)": 37}
+    assert "student" not in capsys.readouterr().out
