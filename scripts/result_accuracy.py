@@ -11,7 +11,7 @@ testbed/student/README.md ("Where the 6.8 points go") says what the figures mean
 
     python scripts/result_accuracy.py                 # the 500 held-out problems, about 2 min on 2 cores
     python scripts/result_accuracy.py --limit 50
-    python scripts/result_accuracy.py --model runs/testbed_teacher   # a teacher before distillation: no student row
+    python scripts/result_accuracy.py --model runs/testbed_teacher_orders   # a teacher alone: no student row
 
 The student row needs an adapter: --adapter, or the shipped student when --model is left at the testbed
 teacher. A teacher given alone gets its rows only, which say how far its weights fall under block-causal

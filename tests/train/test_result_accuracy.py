@@ -9,6 +9,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import result_accuracy  # noqa: E402
 
+# the rows on the first 20 held-out problems with the shipped teacher and student
+TWENTY = {"results": 54, "teacher, full attention": 49,
+          "teacher, full attention, cut at the end of the result's block": 41,
+          "teacher, full attention, cut one block later": 49, "student, block-causal": 47,
+          "teacher's weights, block-causal (no adapter)": 37}
+
 
 def test_result_spans_are_the_numbers_after_a_bare_equals_sign():
     from d2f.data.tokenizer import load_tokenizer, prompt_ids
@@ -25,10 +31,7 @@ def test_result_spans_are_the_numbers_after_a_bare_equals_sign():
 
 def test_result_accuracy_rows_on_twenty_problems(capsys):
     out = result_accuracy.main(["--limit", "20"])
-    assert out == {"results": 54, "teacher, full attention": 49,
-                   "teacher, full attention, cut at the end of the result's block": 41,
-                   "teacher, full attention, cut one block later": 49, "student, block-causal": 47,
-                   "teacher's weights, block-causal (no adapter)": 37}
+    assert out == TWENTY
     assert "| student, block-causal | 87.0% (47/54) |" in capsys.readouterr().out
 
 
@@ -36,8 +39,5 @@ def test_a_model_given_without_an_adapter_has_no_student_row(capsys):
     """A teacher not yet distilled: its rows alone (before, the "student" row silently decoded the teacher's
     weights without an adapter, the last row again)."""
     out = result_accuracy.main(["--limit", "20", "--model", str(REPO / "testbed" / "teacher")])
-    assert out == {"results": 54, "teacher, full attention": 49,
-                   "teacher, full attention, cut at the end of the result's block": 41,
-                   "teacher, full attention, cut one block later": 49,
-                   "teacher's weights, block-causal (no adapter)": 37}
+    assert out == {k: v for k, v in TWENTY.items() if k != "student, block-causal"}
     assert "student" not in capsys.readouterr().out
