@@ -246,9 +246,9 @@ CASES = [
      ["batch_size must be an integer >= 1, got 0"]),
     ("pretrain", PRETRAIN + ["init_from=testbed/ar", "model.num_layers=4", "data.num_problems=4",
                              "output_dir={fx}/pt_init"],
-     ["init_from 'testbed/ar' does not match the configured model", "18 tensor(s) differ",
+     ["init_from 'testbed/ar' does not match the configured model", "36 tensor(s) differ",
       "'model.transformer.blocks.4.attn_norm.weight' (model: absent, checkpoint: (192,))",
-      "model.num_layers=6 (configured: 4)", "drop init_from"]),
+      "model.num_layers=8 (configured: 4)", "drop init_from"]),
     # ---- scripts/make_distill_data.py
     ("make_distill_data", ["--model", "testbed/teacher", "--source", "testbed", "--out", "{fx}/x.jsonl"],
      ["needs --n"]),

@@ -55,8 +55,8 @@ SKIP = {
 # documented command -> [(text to replace, replacement), ...]; "+ ..." appends. {tmp}: the test's tmp dir.
 RUN = {
     "python scripts/result_accuracy.py": [("+", "--limit 3")],
-    "python scripts/result_accuracy.py --model runs/testbed_teacher_orders --limit 200":
-        [("runs/testbed_teacher_orders", "testbed/teacher"), ("--limit 200", "--limit 3")],
+    "python scripts/result_accuracy.py --model runs/testbed_teacher_results --limit 200":
+        [("runs/testbed_teacher_results", "testbed/teacher"), ("--limit 200", "--limit 3")],
     "python scripts/teacher_horizon.py": [("+", "--limit 2 --output-dir {tmp}/th")],
     "python -m infer.load_test": [("+", "--concurrency 1,2 --requests 2 --max-tokens 32 --output-dir {tmp}/lt -- "
                                         "--max-new-tokens 32 --block-size 16 --threads 1")],

@@ -12,9 +12,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import teacher_horizon  # noqa: E402
 
-# the first 4 held-out problems, gen 48: which answers the cut leaves as they were (problem 2 then reads
-# "Kofi paid $1000 the the change" where plain decoding reads "Jamal paid $100, so the change")
-SAME_WHEN_CUT = [True, True, False, True]
+# the first 4 held-out problems, gen 48: which answers the cut leaves as they were (problem 0 then reads
+# "5 paid $10,, so the change" where plain decoding reads "Hugo paid $50, so the change")
+SAME_WHEN_CUT = [False, True, True, True]
 
 
 @pytest.fixture(scope="module")
