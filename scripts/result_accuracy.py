@@ -7,11 +7,11 @@ all in one forward, is the result's tokens. The rows: the teacher with full atte
 sees the state); the same with the sequence cut at the end of the result's block (block 16 from the prompt's
 end), so that it sees only the positions a block-causal model sees there, and cut one block later; the D2F
 student block-causally (as D2F decodes); and the teacher's own weights block-causally (no adapter).
-testbed/student/README.md ("Where the 6.8 points go") says what the figures mean for the student's accuracy.
+testbed/student/README.md ("Where the 2.6 points go") says what the figures mean for the student's accuracy.
 
     python scripts/result_accuracy.py                 # the 500 held-out problems, about 2 min on 2 cores
     python scripts/result_accuracy.py --limit 50
-    python scripts/result_accuracy.py --model runs/testbed_teacher_orders   # a teacher alone: no student row
+    python scripts/result_accuracy.py --model runs/testbed_teacher_results  # a teacher alone: no student row
 
 The student row needs an adapter: --adapter, or the shipped student when --model is left at the testbed
 teacher. A teacher given alone gets its rows only, which say how far its weights fall under block-causal

@@ -4,7 +4,7 @@ A block-causal model decoding block k attends to the prompt and blocks 1 to k; a
 the masked slots of every later block, which hold no tokens. `Horizon` hides those keys: in each forward the
 answer is visible only to the end of the block being decoded (plus `--extra-blocks` more), with full attention
 over what is left, which is the same as cutting the sequence there. Decoding is otherwise LLaDA's vanilla
-decoding, unchanged. testbed/student/README.md ("Where the 6.8 points go") says what the figures mean.
+decoding, unchanged. testbed/student/README.md ("Where the 2.6 points go") says what the figures mean.
 
     python scripts/teacher_horizon.py                      # the 500 held-out problems, about 10 min on 2 cores
     python scripts/teacher_horizon.py --extra-blocks 1     # one more block of masks visible
