@@ -182,6 +182,9 @@ CASES = [
     ("eval", ["--mode", "vanilla", "--max-new-tokens", "32", "--limit", "1", "--no-progress", "--output-dir",
               "{fx}/preds"], ["no run.json", "--overwrite"]),
     ("eval", ["--threshold", "2"], ["threshold must be in [0, 1]"]),
+    ("eval", ["--split", "validation", "--output-dir", "{fx}/out_split"], ["'validation' must be 'train', 'test' or 'dev'"]),
+    ("eval", ["--data", "real100", "--split", "dev", "--output-dir", "{fx}/out_dev"],
+     ["split 'dev' exists only for source 'testbed'", "'real100'"]),
     ("eval", ["--mode", "vanilla", "--max-new-tokens", "32", "--block-size", "32", "--limit", "1", "--no-progress",
               "--output-dir", "{fx}/bad_run"], ["run.json", "not a run record", "--overwrite"]),
     # ---- infer.compare

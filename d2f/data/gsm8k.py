@@ -1,6 +1,7 @@
 """GSM8K-format evaluation sets, all as lists of {"question", "answer", "final"} dicts.
 
     load_gsm8k("testbed")              # 500 generated held-out test problems (d2f/data/gsm.py, seed 0)
+    load_gsm8k("testbed", split="dev") # 500 more held-out problems, none of them among those 500
     load_gsm8k("real100")              # 100 real GSM8K test questions shipped in this repo
     load_gsm8k("hub", split="test")    # openai/gsm8k via `datasets` (needs the hub or its cache)
     load_gsm8k("path/to/file.jsonl")   # or .parquet: rows with "question" and "answer"
@@ -24,6 +25,10 @@ REAL100 = Path(__file__).with_name("gsm8k_real100.jsonl")
 TESTBED_TEST_SIZE = 500
 TESTBED_TRAIN_SIZE = 60000  # what configs/testbed_*.yaml train on
 TESTBED_SEED = 0
+# The dev split: held-out (test-split) questions drawn with another seed, less any of the 500 test ones. Settings
+# are chosen on it, so that the test split's figures are not tuned on the problems they are reported on.
+TESTBED_DEV_SEED = 1
+TESTBED_DEV_DRAW = 600  # draws from that seed: more than enough for 500 once the few test questions are dropped
 SOURCES = ("testbed", "real100", "hub", "<path to .jsonl or .parquet>")
 
 
@@ -66,15 +71,22 @@ def _load_file(path: Path) -> list[dict]:
 
 def load_gsm8k(source: str = "testbed", split: str = "test", limit: int | None = None) -> list[dict]:
     """GSM8K-format problems from `source` ("testbed", "real100", "hub" or a local file)."""
-    if split not in ("train", "test"):
-        raise UserError(f"split {split!r} must be 'train' or 'test'")
+    if split not in ("train", "test", "dev"):
+        raise UserError(f"split {split!r} must be 'train', 'test' or 'dev' (dev: source 'testbed' only)")
+    if split == "dev" and source != "testbed":
+        raise UserError(f"split 'dev' exists only for source 'testbed' (got source {source!r}); use 'train' or 'test'")
     if limit is not None and limit < 0:
         raise UserError(f"limit must be >= 0 or None, got {limit}")
     if source == "testbed":
         from d2f.data.gsm import make_problems
         # the generator is prefix-stable: make_problems(s, k) == make_problems(s, n)[:k] for k <= n
-        n = TESTBED_TEST_SIZE if split == "test" else TESTBED_TRAIN_SIZE
-        rows = make_problems(split, n if limit is None else min(limit, n), seed=TESTBED_SEED)
+        if split == "dev":
+            test = {p["question"] for p in make_problems("test", TESTBED_TEST_SIZE, seed=TESTBED_SEED)}
+            rows = [p for p in make_problems("test", TESTBED_DEV_DRAW, seed=TESTBED_DEV_SEED)
+                    if p["question"] not in test][:TESTBED_TEST_SIZE]
+        else:
+            n = TESTBED_TEST_SIZE if split == "test" else TESTBED_TRAIN_SIZE
+            rows = make_problems(split, n if limit is None else min(limit, n), seed=TESTBED_SEED)
     elif source == "real100":
         if split != "test":
             raise UserError("source 'real100' only has the test split (100 GSM8K test questions)")

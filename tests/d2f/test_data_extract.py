@@ -4,7 +4,10 @@ import json
 import pytest
 
 from d2f.data.extract import extract_answer, is_correct, normalize_number
+from d2f.data.gsm import split_of
 from d2f.data.gsm8k import load_gsm8k
+
+DEV_FIRST = "Paul collects 20 stickers on Monday and 11 stickers on Thursday."
 
 
 @pytest.mark.parametrize("text, want", [
@@ -51,6 +54,17 @@ def test_load_testbed():
     assert all(is_correct(r["answer"], r["final"]) for r in rows)
 
 
+def test_testbed_dev_split_is_held_out_and_apart_from_test():
+    dev, test = load_gsm8k("testbed", split="dev"), load_gsm8k("testbed")
+    questions = {r["question"] for r in dev}
+    assert len(dev) == len(questions) == 500
+    assert not questions & {r["question"] for r in test}
+    assert all(split_of(q) == "test" for q in questions)  # never a question the testbed models trained on
+    assert all(is_correct(r["answer"], r["final"]) for r in dev)
+    assert load_gsm8k("testbed", split="dev", limit=7) == dev[:7]
+    assert dev[0]["question"].startswith(DEV_FIRST)  # the same problems on every machine
+
+
 def test_load_real100():
     rows = load_gsm8k("real100")
     assert len(rows) == 100
@@ -73,6 +87,8 @@ def test_load_errors(tmp_path):
         load_gsm8k("no/such/file.jsonl")
     with pytest.raises(ValueError, match="split"):
         load_gsm8k("testbed", split="validation")
+    with pytest.raises(ValueError, match="only for source 'testbed'"):
+        load_gsm8k("real100", split="dev")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"q": "x"}) + "\n")
     with pytest.raises(ValueError, match="no 'question'"):
