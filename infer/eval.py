@@ -294,8 +294,9 @@ def evaluate(model, tokenizer, problems: list[dict], prompts: list[str], cfg, ou
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="testbed",
                    help="testbed | real100 (the 100 real GSM8K questions) | hub (openai/gsm8k) | a .jsonl/.parquet path")
-    p.add_argument("--split", default="test", help="split of --data (default test). --data testbed also has 'dev': 500 more held-out "
-                   "problems, none of them in test, for choosing settings without tuning on the test figures")
+    p.add_argument("--split", default="test",
+                   help="split of --data (default test). --data testbed also has 'dev': 500 more held-out problems, "
+                   "none of them in test, for choosing settings without tuning on the test figures")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("--shots", type=int, default=None,
                    help="worked examples before each question (default: 4; 0 for --data testbed, whose models "
