@@ -63,14 +63,10 @@ def load_prompts(args) -> list[dict]:
         from d2f.data.gsm import make_problems
         return [{"question": p["question"], "reference": p["answer"], "final": p["final"]}
                 for p in make_problems("train", args.n, seed=args.seed)]
-    from d2f.data.records import ANSWER_FIELDS, PROMPT_FIELDS, read_records, resolve_fields
+    from d2f.data.records import ANSWER_FIELDS, read_records, resolve_fields
     records = read_records(args.source, args.split, args.n)
-    first = records[0]
-    pf = args.prompt_field or next((f for f in PROMPT_FIELDS if f in first), None)
-    if pf is None or pf not in first:
-        raise UserError(f"{args.source!r} has no prompt field {args.prompt_field or list(PROMPT_FIELDS)}; "
-                        f"records have {sorted(first)} (set --prompt-field)")
-    af = next((f for f in ANSWER_FIELDS if f in first), None)
+    pf, _ = resolve_fields(records, args.source, args.prompt_field, None, need_answer=False, set_hint="--{}-field")
+    af = next((f for f in ANSWER_FIELDS if f in records[0]), None)
     if af:
         resolve_fields(records, args.source, pf, af)  # every record has both
     bad = next((i for i, r in enumerate(records) if not isinstance(r[pf], str) or not r[pf].strip()), None)

@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
     cfg = DecodeConfig(mode="d2f", max_new_tokens=a.gen, block_size=a.block, tau_add=a.tau_add, tau_act=a.tau_act,
                        tau_conf=a.tau_conf)
     records = read_records(a.data, a.split, a.limit)
-    pf, _ = resolve_fields(records, a.data, a.prompt_field, None)
+    pf, _ = resolve_fields(records, a.data, a.prompt_field, None, need_answer=False, set_hint="--{}-field")
     # the student as the engine loads it: the adapter checked against the base, then merged
     model, tok = load(a.model, mode="d2f", adapter=a.adapter, dtype="float32", tokenizer=a.tokenizer)
     if pf == "prompt_ids":

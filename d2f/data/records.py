@@ -4,6 +4,7 @@ sets, prompt files), so each bad file gets the same one-line error naming the fi
     read_jsonl("answers.jsonl")                      # [dict], one JSON object per line
     read_records("answers.jsonl") / ("org/dataset")  # a local .jsonl, else a hub data set
     resolve_fields(records, source, None, None)      # ("question", "answer"): which fields hold what
+    resolve_fields(records, source, None, None, need_answer=False)  # ("question", None): prompts only
 """
 from __future__ import annotations
 
@@ -66,23 +67,27 @@ def read_records(source: str, split: str = "train", limit: int | None = None) ->
 
 
 def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
-                   answer_field: str | None) -> tuple[str, str]:
+                   answer_field: str | None, need_answer: bool = True,
+                   set_hint: str = "data.{}_field") -> tuple[str, str | None]:
     """Which fields hold the prompt and the answer (the given names, else the first of PROMPT_FIELDS /
     ANSWER_FIELDS present), checked on every record; ("prompt_ids", "answer_ids") for pre-tokenized data.
-    Errors are ConfigErrors: the fix is a config key."""
+    need_answer=False: prompts only (the answer comes back None). `set_hint` names the setting that picks a
+    field, for the error ("--{}-field" on a command line). Errors are ConfigErrors: the fix is a setting."""
     first = records[0]
-    if "prompt_ids" in first and "answer_ids" in first and prompt_field is None and answer_field is None:
-        return "prompt_ids", "answer_ids"
+    if "prompt_ids" in first and prompt_field is None and answer_field is None:
+        if "answer_ids" in first or not need_answer:
+            return "prompt_ids", "answer_ids" if "answer_ids" in first else None
     out = []
-    for given, candidates, what in ((prompt_field, PROMPT_FIELDS, "prompt"), (answer_field, ANSWER_FIELDS, "answer")):
+    wanted = ((prompt_field, PROMPT_FIELDS, "prompt"), (answer_field, ANSWER_FIELDS, "answer"))
+    for given, candidates, what in wanted[:2 if need_answer else 1]:
         options = (given,) if given else candidates
         name = next((c for c in options if c in first), None)
         if name is None:
             raise ConfigError(f"data source {source!r} has no {what} field: expected one of "
-                              f"{list(options)} (set data.{what}_field), records have {sorted(first)}")
+                              f"{list(options)} (set {set_hint.format(what)}), records have {sorted(first)}")
         out.append(name)
     for i, r in enumerate(records):
         missing = [f for f in out if f not in r or r[f] is None]
         if missing:
             raise ConfigError(f"record {i} of {source!r} lacks field(s) {missing}")
-    return out[0], out[1]
+    return out[0], out[1] if need_answer else None

@@ -359,7 +359,7 @@ def test_make_distill_data_writes_teacher_answers(work, tmp_path):
                     "max_steps=1", "grad_accum=1"])
     assert res["step"] == 1
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(UserError, match="has no prompt field"):
+    with pytest.raises(UserError, match=r"has no prompt field.*\(set --prompt-field\)"):
         make_distill_data.main(["--model", str(work / "teacher"), "--source", str(tmp_path / "bad.jsonl"),
                                 "--out", str(tmp_path / "x.jsonl")])
 

@@ -90,3 +90,26 @@ def test_sampler_layout_and_bad_files(recorded, tmp_path):
     torch.save({"answers": 1}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="is not a student states file"):
         load_student_states(tmp_path / "other.pt")
+
+
+def test_records_from_prompts_alone(tmp_path):
+    """The recorder needs prompts only (the student writes the answers): a prompt-only .jsonl is enough,
+    and a file without a prompt field names the flag that picks one."""
+    from d2f.data.tokenizer import prompt_ids
+    from infer.api import load
+    from train.student_states import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"question": "Ana has 3 pens. She buys 4 more. How many pens does she have?"}\n'
+                    '{"question": "A box holds 5 apples. How many apples are in 2 boxes?"}\n')
+    out = main(["--model", "testbed/teacher", "--adapter", "testbed/student", "--data", str(data),
+                "--gen", "32", "--out", str(tmp_path / "s.pt")])
+    _, tok = load("testbed/teacher", mode="d2f")
+    questions = [r.split('"')[3] for r in data.read_text().splitlines()]
+    assert out["prompts"] == [prompt_ids(tok, q, True) for q in questions]
+    assert out["answers"].shape == (2, 32) and out["nfe"].min() >= 2
+    assert load_student_states(tmp_path / "s.pt")["prompts"] == out["prompts"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(ConfigError, match=r"has no prompt field.*\(set --prompt-field\)"):
+        main(["--model", "testbed/teacher", "--adapter", "testbed/student", "--data", str(tmp_path / "bad.jsonl"),
+              "--out", str(tmp_path / "x.pt")])
