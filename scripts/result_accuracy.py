@@ -35,7 +35,8 @@ def parse_args(argv=None):
                     "with the default --model; none with another --model)")
     ap.add_argument("--limit", type=positive_int, default=500, help="held-out problems (default 500)")
     ap.add_argument("--block-size", type=positive_int, default=16, help="the student's block (default 16)")
-    ap.add_argument("--gen", type=positive_int, default=128, help="answer slots after the prompt (default 128)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=128,
+                    help="answer slots after the prompt (default 128)")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     return ap.parse_args(argv)
 
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
             P = len(prompt)
             row = prompt + tok(p["answer"], add_special_tokens=False)["input_ids"]
             for s, e, _ in result_spans([sp for sp in number_spans(row, vocab_text) if sp[0] >= P], row, vocab_text):
-                x = torch.tensor([row[:s] + [mask_id] * (P + args.gen - s)])  # (1, P + gen)
+                x = torch.tensor([row[:s] + [mask_id] * (P + args.max_new_tokens - s)])  # (1, P + gen)
                 block_end = int(masks.block_end(torch.tensor(e - 1), P, args.block_size))  # of the result's last slot
                 n += 1
                 for name, (model, causal, after) in rows.items():

@@ -55,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=positive_int, default=500, help="held-out problems (default 500)")
     ap.add_argument("--block-size", type=positive_int, default=16, help="decoding block (default 16, the student's)")
     ap.add_argument("--extra-blocks", type=int, default=0, help="blocks visible after the current one (default 0)")
-    ap.add_argument("--gen", type=positive_int, default=128, help="answer slots (default 128)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer slots (default 128)")
     ap.add_argument("--batch-size", type=positive_int, default=50)
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     ap.add_argument("--output-dir", default=None, help="predictions and summary, as infer.eval writes them "
@@ -75,15 +75,16 @@ def main(argv=None) -> dict:
 
     if args.extra_blocks < 0:
         raise UserError(f"--extra-blocks {args.extra_blocks} is negative: give 0 (only the current block) or more")
-    if args.gen % args.block_size:
-        raise UserError(f"--block-size {args.block_size} does not divide --gen {args.gen}: pick one that does")
+    if args.max_new_tokens % args.block_size:
+        raise UserError(f"--block-size {args.block_size} does not divide --max-new-tokens {args.max_new_tokens}: pick one that does")
     out_dir = Path(args.output_dir or Path("outputs") / "teacher_horizon" / f"extra-{args.extra_blocks}")
     check_output_dir(out_dir, "--output-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher, tok = load(args.model, "vanilla")
-    model = Horizon(teacher, args.block_size, args.gen, args.extra_blocks)
-    cfg = DecodeConfig(mode="vanilla", max_new_tokens=args.gen, block_size=args.block_size, steps=args.gen)
+    model = Horizon(teacher, args.block_size, args.max_new_tokens, args.extra_blocks)
+    cfg = DecodeConfig(mode="vanilla", max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+                       steps=args.max_new_tokens)
     problems = load_problems("testbed", "test", args.limit)
     prompts = make_prompts(tok, problems, shots=0, source="testbed")
     meta = {"model": args.model, "extra_blocks": args.extra_blocks}

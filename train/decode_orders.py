@@ -166,9 +166,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokenizer", default="testbed/tokenizer")
     ap.add_argument("--n", type=positive_int, required=True, help="the first n testbed train problems")
     ap.add_argument("--seed", type=int, default=0, help="problem generator seed (data.seed of the recipe)")
-    ap.add_argument("--gen", type=int, default=128, help="answer slots (vanilla decoding's gen length)")
-    ap.add_argument("--block", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=None, help="total forwards (default = gen)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=128,
+                    help="answer slots (vanilla decoding's gen length; default 128)")
+    ap.add_argument("--block-size", type=positive_int, default=32, help="vanilla decoding's block (default 32)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="total forwards (default: --max-new-tokens)")
     ap.add_argument("--batch-size", type=positive_int, default=50)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True, help="output .pt")
@@ -181,16 +182,17 @@ def main(argv=None) -> dict:
 
     tok = load_tokenizer(a.tokenizer)
     model = from_pretrained(a.model, dtype=torch.float32).eval()
-    # a prefix of the recipe's data: same generator, same encoding, answers EOS-padded to --gen
-    data = encode_problems(make_problems("train", a.n, seed=a.seed), tok, a.gen, length_flag="--gen")
+    # a prefix of the recipe's data: same generator, same encoding, answers EOS-padded to --max-new-tokens
+    data = encode_problems(make_problems("train", a.n, seed=a.seed), tok, a.max_new_tokens,
+                           length_flag="--max-new-tokens")
     prompts, refs = [ids[:n] for ids, n in data], [ids[n:] for ids, n in data]
-    steps = a.steps or a.gen
+    steps = a.steps or a.max_new_tokens
     t0 = time.time()
     # <out>.partial: the rows recorded so far, after every batch; a stopped run continues from it when it is
     # run again with the same settings (the settings that change the rows or where batches start)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{a.out}.partial")
-    settings = {"model": a.model, "n": a.n, "seed": a.seed, "gen": a.gen, "block": a.block, "steps": steps,
+    settings = {"model": a.model, "n": a.n, "seed": a.seed, "gen": a.max_new_tokens, "block": a.block_size, "steps": steps,
                 "batch_size": a.batch_size}
     done = None
     if partial.is_file():
@@ -203,9 +205,9 @@ def main(argv=None) -> dict:
 
     def save_partial(rows):
         atomic_save({"settings": settings, "orders": rows.clone()}, partial)
-    orders = decode_orders(model, prompts, refs, a.gen, a.block, steps, a.batch_size, done, save_partial)
-    out = {"orders": orders, "references": torch.tensor(refs, dtype=torch.long), "gen_len": a.gen,
-           "block_size": a.block, "steps": steps, "num_problems": a.n, "seed": a.seed, "model": a.model}
+    orders = decode_orders(model, prompts, refs, a.max_new_tokens, a.block_size, steps, a.batch_size, done, save_partial)
+    out = {"orders": orders, "references": torch.tensor(refs, dtype=torch.long), "gen_len": a.max_new_tokens,
+           "block_size": a.block_size, "steps": steps, "num_problems": a.n, "seed": a.seed, "model": a.model}
     atomic_save(out, Path(a.out))  # a killed run never leaves a half-written file that looks recorded
     partial.unlink(missing_ok=True)
     print(f"{a.n} problems, {time.time() - t0:.0f}s -> {a.out}")

@@ -93,7 +93,7 @@ class StudentStates:
     def __init__(self, d: dict, mask_id: int, length: int, block_size: int, vocab: int | None = None):
         if d["block_size"] != block_size:
             raise ConfigError(f"the student states were recorded with block size {d['block_size']}, but "
-                              f"noise.block_size is {block_size}; record them again with --block {block_size}")
+                              f"noise.block_size is {block_size}; record them again with --block-size {block_size}")
         G = d["gen_len"]
         keep = [i for i, p in enumerate(d["prompts"]) if len(p) + G <= length]
         self.dropped = len(d["prompts"]) - len(keep)
@@ -150,8 +150,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=positive_int, default=None, help="only the first N records")
     ap.add_argument("--tokenizer", default=None, help="default: the one of --model")
     ap.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--gen", type=positive_int, default=128, help="answer slots")
-    ap.add_argument("--block", type=positive_int, default=16, help="D2F block size (the recipe's noise.block_size)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer slots (default 128)")
+    ap.add_argument("--block-size", type=positive_int, default=16,
+                    help="D2F block size (the recipe's noise.block_size; default 16)")
     ap.add_argument("--tau-add", type=float, default=0.7)
     ap.add_argument("--tau-act", type=float, default=0.95)
     ap.add_argument("--tau-conf", type=float, default=0.99)
@@ -167,7 +168,7 @@ def main(argv=None) -> dict:
     from infer.decode_config import DecodeConfig
 
     # the decode settings are checked where every decoder's are (one clear line each), before anything loads
-    cfg = DecodeConfig(mode="d2f", max_new_tokens=a.gen, block_size=a.block, tau_add=a.tau_add, tau_act=a.tau_act,
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=a.max_new_tokens, block_size=a.block_size, tau_add=a.tau_add, tau_act=a.tau_act,
                        tau_conf=a.tau_conf)
     records = read_records(a.data, a.split, a.limit)
     pf, _ = resolve_fields(records, a.data, a.prompt_field, None, need_answer=False, set_hint="--{}-field")

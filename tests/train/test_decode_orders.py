@@ -105,7 +105,7 @@ def orders_file(tok_dir, tmp_path_factory):
     from train.decode_orders import main
     d = tmp_path_factory.mktemp("orders")
     train(tiny_cfg(tok_dir, d / "teacher", "llada_sft", max_steps=1))
-    main(["--model", str(d / "teacher"), "--tokenizer", tok_dir, "--n", "8", "--gen", "192", "--block", "64",
+    main(["--model", str(d / "teacher"), "--tokenizer", tok_dir, "--n", "8", "--max-new-tokens", "192", "--block-size", "64",
           "--steps", "48", "--batch-size", "4", "--out", str(d / "orders.pt")])
     return str(d / "orders.pt")
 
@@ -265,8 +265,8 @@ def test_a_stopped_recording_continues_from_its_partial_file(tok_dir, orders_fil
     from d2f.yaml_config import ConfigError
     from train.decode_orders import main
     teacher = str(Path(orders_file).parent / "teacher")
-    args = ["--model", teacher, "--tokenizer", tok_dir, "--n", "6", "--gen", "192", "--block", "64", "--steps", "48",
-            "--batch-size", "2"]
+    args = ["--model", teacher, "--tokenizer", tok_dir, "--n", "6", "--max-new-tokens", "192", "--block-size", "64",
+            "--steps", "48", "--batch-size", "2"]
     whole = main(args + ["--out", str(tmp_path / "whole.pt")])
     real, calls = infer.vanilla.decode, []
 
@@ -287,3 +287,12 @@ def test_a_stopped_recording_continues_from_its_partial_file(tok_dir, orders_fil
     assert len(calls) == 1  # only the last batch was decoded again
     assert torch.equal(resumed["orders"], whole["orders"]) and not Path(f"{out}.partial").exists()
     assert torch.equal(torch.load(out)["orders"], whole["orders"])
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--block-size", "--steps"])
+def test_sizes_must_be_positive(flag, capsys):
+    """A zero size is refused by the argument parser, one line naming the flag (it once reached a division)."""
+    from train.decode_orders import main
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--n", "2", "--out", "o.pt", flag, "0"])
+    assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def test_records_from_prompts_alone(tmp_path):
     data.write_text('{"question": "Ana has 3 pens. She buys 4 more. How many pens does she have?"}\n'
                     '{"question": "A box holds 5 apples. How many apples are in 2 boxes?"}\n')
     out = main(["--model", "testbed/teacher", "--adapter", "testbed/student", "--data", str(data),
-                "--gen", "32", "--out", str(tmp_path / "s.pt")])
+                "--max-new-tokens", "32", "--out", str(tmp_path / "s.pt")])
     _, tok = load("testbed/teacher", mode="d2f")
     questions = [r.split('"')[3] for r in data.read_text().splitlines()]
     assert out["prompts"] == [prompt_ids(tok, q, True) for q in questions]

@@ -49,7 +49,7 @@ def test_every_block_visible_is_plain_vanilla_and_the_cut_changes_answers(teache
 
     def outputs(extra: int) -> list[str]:
         out = tmp_path / f"extra-{extra}"
-        summary = teacher_horizon.main(["--limit", "4", "--gen", "48", "--batch-size", "4", "--no-progress",
+        summary = teacher_horizon.main(["--limit", "4", "--max-new-tokens", "48", "--batch-size", "4", "--no-progress",
                                         "--extra-blocks", str(extra), "--output-dir", str(out)])
         assert summary["n"] == 4 and summary["nfe_mean"] == 48
         return [r["output"] for _, r in sorted(read_predictions(out / PREDICTIONS).items())]
@@ -60,7 +60,7 @@ def test_every_block_visible_is_plain_vanilla_and_the_cut_changes_answers(teache
 
 @pytest.mark.parametrize("argv, msg", [
     (["--extra-blocks", "-1"], "--extra-blocks -1 is negative"),
-    (["--block-size", "24"], "--block-size 24 does not divide --gen 128"),
+    (["--block-size", "24"], "--block-size 24 does not divide --max-new-tokens 128"),
 ])
 def test_bad_arguments_one_line(argv, msg, tmp_path):
     from d2f.errors import UserError
