@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
     if args.extra_blocks < 0:
         raise UserError(f"--extra-blocks {args.extra_blocks} is negative: give 0 (only the current block) or more")
     if args.max_new_tokens % args.block_size:
-        raise UserError(f"--block-size {args.block_size} does not divide --max-new-tokens {args.max_new_tokens}: pick one that does")
+        raise UserError(f"--block-size {args.block_size} does not divide --max-new-tokens {args.max_new_tokens}: "
+                        "pick one that does")
     out_dir = Path(args.output_dir or Path("outputs") / "teacher_horizon" / f"extra-{args.extra_blocks}")
     check_output_dir(out_dir, "--output-dir")
     if args.threads:

@@ -192,8 +192,8 @@ def main(argv=None) -> dict:
     # run again with the same settings (the settings that change the rows or where batches start)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{a.out}.partial")
-    settings = {"model": a.model, "n": a.n, "seed": a.seed, "gen": a.max_new_tokens, "block": a.block_size, "steps": steps,
-                "batch_size": a.batch_size}
+    settings = {"model": a.model, "n": a.n, "seed": a.seed, "gen": a.max_new_tokens, "block": a.block_size,
+                "steps": steps, "batch_size": a.batch_size}
     done = None
     if partial.is_file():
         p = torch.load(partial, map_location="cpu", weights_only=True)
@@ -205,7 +205,8 @@ def main(argv=None) -> dict:
 
     def save_partial(rows):
         atomic_save({"settings": settings, "orders": rows.clone()}, partial)
-    orders = decode_orders(model, prompts, refs, a.max_new_tokens, a.block_size, steps, a.batch_size, done, save_partial)
+    orders = decode_orders(model, prompts, refs, a.max_new_tokens, a.block_size, steps, a.batch_size, done,
+                           save_partial)
     out = {"orders": orders, "references": torch.tensor(refs, dtype=torch.long), "gen_len": a.max_new_tokens,
            "block_size": a.block_size, "steps": steps, "num_problems": a.n, "seed": a.seed, "model": a.model}
     atomic_save(out, Path(a.out))  # a killed run never leaves a half-written file that looks recorded

@@ -291,8 +291,9 @@ def make_student_states(cfg: DistillConfig) -> None:
     tau_act 0.95, tau_conf 0.99: the testbed's); for others run train/student_states.py yourself."""
     d = cfg.data
     cmd = [sys.executable, str(REPO / "train" / "student_states.py"), "--model", cfg.model.base,
-           "--adapter", cfg.model.adapter, "--data", d.source, "--split", d.split, "--block-size", str(cfg.noise.block_size),
-           "--max-new-tokens", str(cfg.eval.max_new_tokens), "--out", d.student_states,
+           "--adapter", cfg.model.adapter, "--data", d.source, "--split", d.split,
+           "--block-size", str(cfg.noise.block_size), "--max-new-tokens", str(cfg.eval.max_new_tokens),
+           "--out", d.student_states,
            "--chat-template" if d.chat_template else "--no-chat-template"]
     for flag, value in (("--prompt-field", d.prompt_field), ("--limit", d.limit), ("--tokenizer", cfg.model.tokenizer)):
         if value:

@@ -168,8 +168,8 @@ def main(argv=None) -> dict:
     from infer.decode_config import DecodeConfig
 
     # the decode settings are checked where every decoder's are (one clear line each), before anything loads
-    cfg = DecodeConfig(mode="d2f", max_new_tokens=a.max_new_tokens, block_size=a.block_size, tau_add=a.tau_add, tau_act=a.tau_act,
-                       tau_conf=a.tau_conf)
+    cfg = DecodeConfig(mode="d2f", max_new_tokens=a.max_new_tokens, block_size=a.block_size, tau_add=a.tau_add,
+                       tau_act=a.tau_act, tau_conf=a.tau_conf)
     records = read_records(a.data, a.split, a.limit)
     pf, _ = resolve_fields(records, a.data, a.prompt_field, None, need_answer=False, set_hint="--{}-field")
     # the student as the engine loads it: the adapter checked against the base, then merged

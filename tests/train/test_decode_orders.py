@@ -105,8 +105,8 @@ def orders_file(tok_dir, tmp_path_factory):
     from train.decode_orders import main
     d = tmp_path_factory.mktemp("orders")
     train(tiny_cfg(tok_dir, d / "teacher", "llada_sft", max_steps=1))
-    main(["--model", str(d / "teacher"), "--tokenizer", tok_dir, "--n", "8", "--max-new-tokens", "192", "--block-size", "64",
-          "--steps", "48", "--batch-size", "4", "--out", str(d / "orders.pt")])
+    main(["--model", str(d / "teacher"), "--tokenizer", tok_dir, "--n", "8", "--max-new-tokens", "192",
+          "--block-size", "64", "--steps", "48", "--batch-size", "4", "--out", str(d / "orders.pt")])
     return str(d / "orders.pt")
 
 
