@@ -65,10 +65,10 @@ def load_prompts(args) -> list[dict]:
                 for p in make_problems("train", args.n, seed=args.seed)]
     from d2f.data.records import ANSWER_FIELDS, read_records, resolve_fields
     records = read_records(args.source, args.split, args.n)
-    pf, _ = resolve_fields(records, args.source, args.prompt_field, None, need_answer=False, set_hint="--{}-field")
-    af = next((f for f in ANSWER_FIELDS if f in records[0]), None)
-    if af:
-        resolve_fields(records, args.source, pf, af)  # every record has both
+    af = next((f for f in ANSWER_FIELDS if f in records[0]), None)  # a reference answer, when the data has one
+    # the prompt field, and every record has it (and the answer field, when there is one)
+    pf, af = resolve_fields(records, args.source, args.prompt_field, af, need_answer=af is not None,
+                            set_hint="--{}-field")
     bad = next((i for i, r in enumerate(records) if not isinstance(r[pf], str) or not r[pf].strip()), None)
     if bad is not None:
         raise UserError(f"record {bad} of {args.source!r}: field {pf!r} is {records[bad][pf]!r}, not a non-empty string")

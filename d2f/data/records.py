@@ -74,9 +74,9 @@ def resolve_fields(records: list[dict], source: str, prompt_field: str | None,
     need_answer=False: prompts only (the answer comes back None). `set_hint` names the setting that picks a
     field, for the error ("--{}-field" on a command line). Errors are ConfigErrors: the fix is a setting."""
     first = records[0]
-    if "prompt_ids" in first and prompt_field is None and answer_field is None:
-        if "answer_ids" in first or not need_answer:
-            return "prompt_ids", "answer_ids" if "answer_ids" in first else None
+    if "prompt_ids" in first and prompt_field is None and answer_field is None and (
+            "answer_ids" in first or not need_answer):
+        return "prompt_ids", "answer_ids" if need_answer else None
     out = []
     wanted = ((prompt_field, PROMPT_FIELDS, "prompt"), (answer_field, ANSWER_FIELDS, "answer"))
     for given, candidates, what in wanted[:2 if need_answer else 1]:

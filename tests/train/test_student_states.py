@@ -1,6 +1,7 @@
 """The student's own decoding states (train/student_states.py): the recorded states are the D2F decoder's
 buffers before each forward, their loss positions the masked slots of the blocks that forward decoded, and
 the sampler lays them out as the recipe's sequences."""
+import json
 import sys
 from pathlib import Path
 
@@ -99,13 +100,13 @@ def test_records_from_prompts_alone(tmp_path):
     from infer.api import load
     from train.student_states import main
 
+    questions = ["Ana has 3 pens. She buys 4 more. How many pens does she have?",
+                 "A box holds 5 apples. How many apples are in 2 boxes?"]
     data = tmp_path / "prompts.jsonl"
-    data.write_text('{"question": "Ana has 3 pens. She buys 4 more. How many pens does she have?"}\n'
-                    '{"question": "A box holds 5 apples. How many apples are in 2 boxes?"}\n')
+    data.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
     out = main(["--model", "testbed/teacher", "--adapter", "testbed/student", "--data", str(data),
                 "--max-new-tokens", "32", "--out", str(tmp_path / "s.pt")])
     _, tok = load("testbed/teacher", mode="d2f")
-    questions = [r.split('"')[3] for r in data.read_text().splitlines()]
     assert out["prompts"] == [prompt_ids(tok, q, True) for q in questions]
     assert out["answers"].shape == (2, 32) and out["nfe"].min() >= 2
     assert load_student_states(tmp_path / "s.pt")["prompts"] == out["prompts"]
